@@ -1,0 +1,1 @@
+"""Language-model layer: sequence log-probs, preference losses, logits-SAM. Depends on the core, never the reverse."""
