@@ -10,6 +10,15 @@ from dynamics.logit_space import (  # noqa: E402,F401
     residual,
     softmax,
 )
+from dynamics.simulate import (  # noqa: E402,F401
+    Setting,
+    Trajectory,
+    load_trajectories,
+    save_trajectories,
+    simulate,
+    simulate_logits,
+    simulate_params,
+)
 from dynamics.steps import (  # noqa: E402,F401
     effective_radius,
     sam_logit_increment,
@@ -17,3 +26,20 @@ from dynamics.steps import (  # noqa: E402,F401
     sam_param_step,
     sam_perturbation,
 )
+from dynamics.theory import (  # noqa: E402,F401
+    confidence_ratios,
+    log_confidence_ratios,
+    modal_gains,
+    predicted_logit_increment,
+    predicted_logit_step,
+    predicted_modal_step,
+    predicted_param_increment,
+    predicted_param_step,
+    predicted_residual,
+    predicted_residual_increment,
+    runner_up,
+    s6_sign_fact,
+    s6_sign_vector,
+    step_confidence_ratios,
+)
+from dynamics.toy import ToyConfig, class_roles, run_toy, toy_record  # noqa: E402,F401
