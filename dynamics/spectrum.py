@@ -1,0 +1,298 @@
+"""H_z = diag(p) − p pᵀ at vocabulary scale (V up to ~10⁶) without ever forming the V × V matrix.
+
+theory.md §1 facts, made computable at scale [ours]:
+
+- Matrix–vector product in O(V): H_z x = p ⊙ x − p (pᵀx).
+- Secular equation. If H_z v = λ v then (p_i − λ) v_i = p_i (pᵀv). For λ not equal to any p_i (and pᵀv ≠ 0),
+  v_i ∝ p_i / (p_i − λ) and multiplying by p_i and summing gives the secular equation
+
+      f(λ) = 1 − Σ_i p_i² / (p_i − λ) = 0,
+
+  f strictly decreasing between consecutive poles, from +∞ to −∞: one root in each interval (u_l, u_{l+1}) of
+  consecutive distinct positive values of p (interlacing). Since Σ p = 1, f(0) = 0: the null mode λ = 0,
+  v = 𝟙/√V (H_z 𝟙 = 0) is the root below the smallest pole.
+- Deflation. A value u repeated m times gives the eigenvalue u exactly, m − 1 times, with eigenvectors spanning
+  {v supported on those coordinates, Σ v_i = 0} (returned as an orthonormal Helmert basis); the group acts as a
+  single pole of weight m u² in f. Entries p_i ≤ TINY (1e-150, where p_i² would underflow) are treated as exact
+  zeros (a perturbation of H_z of norm ≤ TINY): zeros give m extra null vectors orthogonal to 𝟙.
+- Roots are found in O(V) per secular evaluation by a bracketed, vectorised rational-interpolation iteration
+  (the "middle way" of Li 1994 / LAPACK dlaed4: ψ and φ, the parts of the sum from poles below and above λ, are
+  each modelled by one pole matched in value and slope), with bisection as safeguard. λ is stored as
+  origin + τ with origin the pole nearest to the root, and d_i − λ = (p_i − origin) − τ: the differences that
+  the eigenvector needs are then free of cancellation.
+
+Conventions: `top_modes` returns eigenvalues in DESCENDING order and eigenvectors as columns (V, k);
+`full_spectrum` follows numpy's `eigh` (ascending, columns (V, V)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynamics._validate import as_float_array, as_probs
+
+TINY = 1e-150
+"""Entries of p at or below this are deflated as exact zeros (their square would underflow)."""
+
+_CHUNK_ELEMENTS = 1 << 19
+"""Roots are solved in row-chunks of about this many (root, coordinate) pairs: bounds the working memory."""
+
+_MAX_ITER = 100
+_EPS = np.finfo(np.float64).eps
+
+
+def hz_matvec(p: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """H_z x = p ⊙ x − p (pᵀ x) in O(V) (theory.md §1); p (V,), x (V,) or (V, m) -> same shape as x."""
+    p = as_probs(p)
+    x = as_float_array(x, "x")
+    if x.ndim not in (1, 2) or x.shape[0] != p.shape[0]:
+        raise ValueError(f"x: expected shape ({p.shape[0]},) or ({p.shape[0]}, m), got {x.shape}")
+    if x.ndim == 1:
+        return p * x - p * float(p @ x)
+    return p[:, None] * x - np.outer(p, p @ x)
+
+
+def secular_function(p: np.ndarray, lam: np.ndarray | float) -> np.ndarray:
+    """f(λ) = 1 − Σ_i p_i² / (p_i − λ) [ours]; p (V,), λ (...) -> (...). Roots are the nonzero eigenvalues."""
+    p = as_probs(p)
+    lam_arr = np.asarray(lam, dtype=np.float64)
+    flat = lam_arr.reshape(-1)
+    out = np.array([1.0 - np.sum(p * p / (p - value)) for value in flat])
+    return out.reshape(lam_arr.shape)
+
+
+def _solve_chunk(
+    p: np.ndarray, lower: np.ndarray, upper: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Roots of f in (lower_r, upper_r) for r rows; returns (origin (r,), τ (r,), diff (r, V) = p − origin − τ).
+
+    lower < upper are consecutive distinct pole values. The root is origin + τ with origin the nearer pole.
+    """
+    weights = p * p
+    mid = 0.5 * (lower + upper)
+    f_mid = 1.0 - np.sum(weights[None, :] / (p[None, :] - mid[:, None]), axis=1)
+    # f decreasing: f(mid) > 0 means the root is above mid, closer to the upper pole.
+    use_upper = f_mid > 0.0
+    origin = np.where(use_upper, upper, lower)
+    d_lo = np.where(use_upper, lower - upper, 0.0)  # lower pole − origin (exact: Sterbenz)
+    d_hi = np.where(use_upper, 0.0, upper - lower)  # upper pole − origin
+    half = np.where(use_upper, mid - upper, mid - lower)
+    # Bracket for τ (open at the pole end).
+    a = np.where(use_upper, half, 0.0)
+    b = np.where(use_upper, 0.0, half)
+    shifted = p[None, :] - origin[:, None]  # (r, V): d_i − origin
+    x = 0.5 * (a + b)
+    active = np.ones(lower.shape[0], dtype=bool)
+    for _ in range(_MAX_ITER):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        xr = x[rows]
+        delta = shifted[rows] - xr[:, None]  # d_i − λ
+        ratio = weights[None, :] / delta
+        below = delta < 0.0
+        psi = np.where(below, ratio, 0.0).sum(axis=1)
+        phi = ratio.sum(axis=1) - psi
+        ratio /= delta
+        dpsi = np.where(below, ratio, 0.0).sum(axis=1)
+        dphi = ratio.sum(axis=1) - dpsi
+        del delta, ratio, below
+        f = 1.0 - psi - phi
+        # Bracket update: f > 0 -> root above x.
+        a_r = np.where(f > 0.0, xr, a[rows])
+        b_r = np.where(f < 0.0, xr, b[rows])
+        delta1 = d_lo[rows] - xr
+        delta2 = d_hi[rows] - xr
+        s_lo = dpsi * delta1 * delta1
+        s_hi = dphi * delta2 * delta2
+        c = 1.0 - (psi - s_lo / delta1) - (phi - s_hi / delta2)
+        qa = c
+        qb = c * (delta1 + delta2) - s_lo - s_hi
+        qc = f * delta1 * delta2
+        disc = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
+        q = 0.5 * (qb + np.copysign(disc, qb))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            eta1 = q / qa
+            eta2 = qc / q
+        new1 = xr + eta1
+        new2 = xr + eta2
+        ok1 = np.isfinite(new1) & (new1 > a_r) & (new1 < b_r)
+        ok2 = np.isfinite(new2) & (new2 > a_r) & (new2 < b_r)
+        bisect = 0.5 * (a_r + b_r)
+        new = np.where(ok2, new2, np.where(ok1, new1, bisect))
+        step = np.abs(new - xr)
+        done = (f == 0.0) | (step <= 4.0 * _EPS * np.abs(new)) | (b_r - a_r <= 4.0 * _EPS * np.abs(bisect))
+        x[rows] = np.where(f == 0.0, xr, new)
+        a[rows] = a_r
+        b[rows] = b_r
+        active[rows[done]] = False
+    diff = shifted
+    diff -= x[:, None]
+    return origin, x, diff
+
+
+def _interval_pairs(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs for the roots in (lower_r, upper_r): λ (r,), unit eigenvectors as rows (r, V); O(rV)."""
+    num = lower.shape[0]
+    vectors = np.empty((num, p.shape[0]))
+    values = np.empty(num)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // p.shape[0])
+    for start in range(0, num, rows_per_chunk):
+        stop = min(num, start + rows_per_chunk)
+        origin, tau, diff = _solve_chunk(p, lower[start:stop], upper[start:stop])
+        values[start:stop] = origin + tau  # diff = p − λ, computed as (p − origin) − τ
+        np.divide(p[None, :], diff, out=diff)  # u_i = p_i / (p_i − λ)
+        diff /= np.linalg.norm(diff, axis=1, keepdims=True)
+        vectors[start:stop] = diff
+    return values, vectors
+
+
+def _helmert_rows(indices: np.ndarray, count: int, size: int) -> np.ndarray:
+    """The first `count` Helmert vectors on `indices` (orthonormal, each summing to 0), as rows (count, size)."""
+    out = np.zeros((count, size))
+    for r in range(1, count + 1):
+        scale = 1.0 / np.sqrt(r * (r + 1.0))
+        out[r - 1, indices[:r]] = scale
+        out[r - 1, indices[r]] = -r * scale
+    return out
+
+
+def _check_k(k: object, size: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= size:
+        raise ValueError(f"k: expected an int in [1, {size}], got {k!r}")
+    return int(k)
+
+
+def full_spectrum(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All V eigenpairs of H_z = diag(p) − ppᵀ in O(V²) time, no matrix formed [ours]; like numpy `eigh`.
+
+    p (V,) probabilities -> (λ (V,) ascending, vectors (V, V) orthonormal columns). Structure (module docstring):
+    null mode (0, 𝟙/√V); extra null vectors on the zero (≤ TINY) entries; each positive value u of multiplicity
+    m gives (u, Helmert vectors) m − 1 times; one secular root in each interval of consecutive distinct values.
+    """
+    p = as_probs(p)
+    size = p.shape[0]
+    p = np.where(p <= TINY, 0.0, p)
+    order = np.argsort(p, kind="stable")
+    sorted_p = p[order]
+    values_parts: list[np.ndarray] = [np.zeros(1)]
+    rows_parts: list[np.ndarray] = [np.full((1, size), 1.0 / np.sqrt(size))]
+    num_zero = int(np.count_nonzero(sorted_p == 0.0))
+    if num_zero > 0:
+        zero_idx = order[:num_zero]
+        rows_parts.append(_helmert_rows(zero_idx, num_zero - 1, size))
+        rest = size - num_zero
+        extra = np.full((1, size), -num_zero / np.sqrt(rest * num_zero * size))
+        extra[0, zero_idx] = rest / np.sqrt(rest * num_zero * size)
+        rows_parts.append(extra)
+        values_parts.append(np.zeros(num_zero))
+    positive = sorted_p[num_zero:]
+    uniq, first, counts = np.unique(positive, return_index=True, return_counts=True)
+    root_values, root_rows = _interval_pairs(p, uniq[:-1], uniq[1:])
+    for level in range(uniq.shape[0]):
+        if level > 0:
+            values_parts.append(root_values[level - 1 : level])
+            rows_parts.append(root_rows[level - 1 : level])
+        if counts[level] > 1:
+            idx = order[num_zero + first[level] : num_zero + first[level] + counts[level]]
+            values_parts.append(np.full(counts[level] - 1, uniq[level]))
+            rows_parts.append(_helmert_rows(idx, counts[level] - 1, size))
+    values = np.concatenate(values_parts)
+    vectors = np.concatenate(rows_parts, axis=0).T
+    return values, vectors
+
+
+def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenpairs of H_z = diag(p) − ppᵀ in O(kV) time and memory [ours].
+
+    p (V,), k in [1, V] -> (λ (k,) DESCENDING, vectors (V, k) orthonormal columns). Uses the k + 1 largest
+    entries of p (argpartition, O(V)) and their multiplicities (O(kV)); each top root lies between two of them
+    (interlacing). Falls back to `full_spectrum` when k is a sizeable part of V or the top entries reach ~0.
+    """
+    p = as_probs(p)
+    size = p.shape[0]
+    k = _check_k(k, size)
+    if 4 * (k + 1) >= size:
+        values, vectors = full_spectrum(p)
+        return values[::-1][:k].copy(), vectors[:, ::-1][:, :k].copy()
+    top_idx = np.argpartition(p, size - (k + 1))[size - (k + 1) :]
+    cand = np.unique(p[top_idx])[::-1]  # distinct candidate values, descending
+    if cand[-1] <= TINY:
+        values, vectors = full_spectrum(p)
+        return values[::-1][:k].copy(), vectors[:, ::-1][:, :k].copy()
+    plan: list[tuple[str, float, float | np.ndarray, int]] = []  # (kind, value, lower or indices, count)
+    found = 0
+    seen = 0
+    for pos, value in enumerate(cand):
+        if found >= k:
+            break
+        members = np.flatnonzero(p == value)
+        seen += members.size
+        take = min(members.size - 1, k - found)
+        if take > 0:
+            plan.append(("group", float(value), members, take))
+            found += take
+        if found >= k:
+            break
+        if pos + 1 < cand.shape[0]:
+            plan.append(("root", float(value), float(cand[pos + 1]), 1))
+        elif seen == size:
+            plan.append(("null", 0.0, 0.0, 1))
+        else:  # pragma: no cover - excluded by the counting argument in the docstring
+            raise RuntimeError("top_modes: candidate set too small; please report")
+        found += 1
+    roots = [item for item in plan if item[0] == "root"]
+    if roots:
+        lower = np.array([item[2] for item in roots])
+        upper = np.array([item[1] for item in roots])
+        root_values, root_rows = _interval_pairs(p, lower, upper)
+    values = np.empty(k)
+    vectors = np.empty((size, k))
+    col = 0
+    next_root = 0
+    for kind, value, extra, count in plan:
+        if kind == "group":
+            values[col : col + count] = value
+            vectors[:, col : col + count] = _helmert_rows(extra, count, size).T
+        elif kind == "root":
+            values[col] = root_values[next_root]
+            vectors[:, col] = root_rows[next_root]
+            next_root += 1
+        else:
+            values[col] = 0.0
+            vectors[:, col] = 1.0 / np.sqrt(size)
+        col += count
+    return values, vectors
+
+
+def modal_coefficients(vectors: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """S4 [paper]: e_k = v_kᵀ g on the given modes; vectors (V, k) columns, g (V,) -> (k,)."""
+    vectors = as_float_array(vectors, "vectors", ndim=2)
+    g = as_float_array(g, "g", ndim=1, size=vectors.shape[0])
+    return vectors.T @ g
+
+
+def top_mode_share(p: np.ndarray, g: np.ndarray, k: int) -> float:
+    """Share of ‖g‖² carried by the k top-curvature modes, Σ_{j≤k} (v_jᵀg)² / ‖g‖² ∈ [0, 1] [ours]; 0 if g = 0."""
+    p = as_probs(p)
+    g = as_float_array(g, "g", ndim=1, size=p.shape[0])
+    total = float(g @ g)
+    if total == 0.0:
+        return 0.0
+    _, vectors = top_modes(p, k)
+    coeffs = vectors.T @ g
+    return float(coeffs @ coeffs) / total
+
+
+def zipf_probs(size: int, exponent: float = 1.1, seed: int = 0) -> np.ndarray:
+    """A peaked, Zipf-like test distribution: p ∝ rank^(−exponent), ranks randomly permuted; -> (size,)."""
+    ranks = np.random.default_rng(seed).permutation(size) + 1.0
+    p = ranks ** (-float(exponent))
+    return p / p.sum()
+
+
+def near_flat_probs(size: int, scale: float = 0.01, seed: int = 0) -> np.ndarray:
+    """A flat test distribution: p = softmax(scale · N(0, 1)) (distinct entries within ~±3·scale of 1/V)."""
+    z = float(scale) * np.random.default_rng(seed).standard_normal(size)
+    p = np.exp(z - z.max())
+    return p / p.sum()
