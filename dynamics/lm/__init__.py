@@ -1,1 +1,5 @@
 """Language-model layer: sequence log-probs, preference losses, logits-SAM. Depends on the core, never the reverse."""
+
+from dynamics.lm.logps import max_conf_logps, sequence_logps, token_logps  # noqa: E402, F401
+from dynamics.lm.losses import LOSSES, PreferenceObjective, preference_loss  # noqa: E402, F401
+from dynamics.lm.perturb import METHODS, PreferenceStep, compute_step, make_trainer_step  # noqa: E402, F401

@@ -1,0 +1,93 @@
+"""Sequence log-probabilities of responses from a causal LM's logits, and the `max_conf` probe.
+
+Conventions (shared by every function here):
+
+- ``logits`` (B, T, V): position t predicts token ``input_ids[:, t + 1]`` (the usual causal shift; the last
+  position predicts nothing and is ignored).
+- ``input_ids`` (B, T) integer token ids, prompt then response, right- or left-padded.
+- ``response_mask`` (B, T) bool/0-1: marks the response tokens *of input_ids* (prompt and padding are 0).
+  A response token at position 0 has no predicting position and is rejected.
+
+All reductions are computed in float32 (float64 if the logits are float64), whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["token_logps", "sequence_logps", "max_conf_logps", "response_lengths", "check_logps_inputs"]
+
+
+def check_logps_inputs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Raise ValueError unless logits (B,T,V), input_ids (B,T) in [0,V) and response_mask (B,T) agree."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    b, t, v = logits.shape
+    if tuple(input_ids.shape) != (b, t) or tuple(response_mask.shape) != (b, t):
+        raise ValueError(
+            f"input_ids and response_mask must have shape (B, T) = {(b, t)}, "
+            f"got {tuple(input_ids.shape)} and {tuple(response_mask.shape)}"
+        )
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= v):
+        raise ValueError(
+            f"input_ids must lie in [0, {v}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+    if t and bool(response_mask[:, 0].any()):
+        raise ValueError(
+            "response_mask marks position 0, which no logit predicts: prepend at least one prompt token"
+        )
+
+
+def _shifted(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor):
+    """(logits[:, :-1] in float32+, labels ids[:, 1:], mask[:, 1:] as float): the aligned triple."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = logits[:, :-1, :].to(acc)
+    labels = input_ids[:, 1:].long()
+    mask = response_mask[:, 1:].to(acc)
+    return z, labels, mask
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities log softmax(logits[:, t])[ids[:, t+1]], shape (B, T-1).
+
+    Computed as z_label − logsumexp(z) so the (B, T, V) log-softmax is never materialised twice.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = logits[:, :-1, :].to(acc)
+    labels = input_ids[:, 1:].long().unsqueeze(-1)
+    return z.gather(-1, labels).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Number of response tokens per row, shape (B,), float32."""
+    return response_mask[:, 1:].to(torch.float32).sum(-1)
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    """log π(response | prompt) = Σ_{t ∈ response} log p(ids[t] | ids[<t]), shape (B,).
+
+    ``average=True`` divides by the number of response tokens (the length-normalised form used by IPO in TRL
+    and by SimPO). Rows with no response token give 0 (sum) or 0 (average, 0/1 guarded). [ours]
+    """
+    check_logps_inputs(logits, input_ids, response_mask)
+    _, _, mask = _shifted(logits, input_ids, response_mask)
+    total = (token_logps(logits, input_ids) * mask).sum(-1)
+    if average:
+        total = total / mask.sum(-1).clamp_min(1.0)
+    return total
+
+
+def max_conf_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """`max_conf` (experiments.md): Σ_{t ∈ response} max_v log p(v | ids[<t]), shape (B,).
+
+    Teacher-forced on the sequence given (pass the **chosen** rows), the log-probability of the argmax token
+    at each response position, summed. max_v log p(v) = max_v z_v − logsumexp(z). [ours, after Ren & Sutherland]
+    """
+    check_logps_inputs(logits, input_ids, response_mask)
+    z, _, mask = _shifted(logits, input_ids, response_mask)
+    top = z.amax(-1) - torch.logsumexp(z, dim=-1)
+    return (top * mask).sum(-1)
