@@ -1,0 +1,207 @@
+"""Figure 1 of the paper: (a) modal coefficients and (b) class residuals of the logit-space toy; (c)–(d) later.
+
+    python figures/figure1.py --panels a b --out DIR
+
+writes DIR/figure1a.png, DIR/figure1b.png and DIR/figure1_toy.json (the data drawn). Default DIR is the folder
+of this script (``figures/``). No math here: the runs come from ``dynamics.toy``. Deterministic: two runs give
+byte-identical files. Panels c and d (LM runs) are drawn by ``draw_panel_c`` / ``draw_panel_d`` once available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dynamics.simulate import Trajectory  # noqa: E402
+from dynamics.toy import ToyConfig, class_roles, run_toy, toy_record  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent
+# One colour per optimizer, the same in every panel (Okabe-Ito, colour-blind safe).
+COLORS = {"GD": "#000000", "SAM rho>0": "#D55E00", "SAM rho<0": "#0072B2"}
+STYLES = {"GD": "-", "SAM rho>0": "--", "SAM rho<0": "-."}
+# Fixed metadata so the PNG bytes do not depend on the date or the matplotlib version.
+PNG_METADATA = {"Software": None}
+
+
+def legend_label(traj: Trajectory) -> str:
+    """Legend text of one run, e.g. 'SAM, ρ = +1 (same sign as η)'."""
+    if traj.rho == 0:
+        return "GD (ρ = 0)"
+    relation = "same sign as η" if traj.rho * traj.eta > 0 else "opposite sign to η"
+    return f"SAM, ρ = {traj.rho:+g} ({relation})"
+
+
+def caption(config: ToyConfig) -> str:
+    """Caption text of panels (a)–(b), with the defaults used."""
+    p0 = ", ".join(f"{p:g}" for p in config.p0)
+    return (
+        f"Figure 1(a–b). Logit-space toy: one example with fixed features φ ∈ R^{config.d} "
+        f"(μ = ‖φ‖² = {config.mu:g}), K = {len(config.p0)} classes, initial probabilities p₀ = ({p0}) with the "
+        f"trained label y = class {config.label}; {config.steps} steps with a negative learning rate η = "
+        f"{config.eta:g} (the rejected-response part of a DPO step) under GD, SAM with ρ = +{abs(config.rho):g} "
+        f"and SAM with ρ = −{abs(config.rho):g} (exact updates, theory S2). (a) Modal coefficients e_k = v_kᵀg of "
+        "the residual g = p − e_y in the eigenbasis of H_z = diag(p) − ppᵀ at each step (mode 0: null mode "
+        "𝟙/√K, always 0; mode 2: highest curvature). (b) Class residuals g_k = p_k − [k = y] for y, the most "
+        "likely other class y*, and the remaining class. Under GD, p_{y*} rises toward 1 (squeezing); SAM with ρ "
+        "of the same sign as η slows it, the opposite sign speeds it up."
+    )
+
+
+@dataclass
+class FigureContext:
+    """What the panel functions share: parsed arguments, output folder, lazily computed toy runs."""
+
+    args: argparse.Namespace
+    out: Path
+    config: ToyConfig
+    _toy_runs: list[Trajectory] | None = field(default=None, repr=False)
+
+    @property
+    def toy_runs(self) -> list[Trajectory]:
+        if self._toy_runs is None:
+            self._toy_runs = run_toy(self.config)
+            (self.out / "figure1_toy.json").write_text(
+                json.dumps(toy_record(self.config, self._toy_runs)) + "\n"
+            )
+        return self._toy_runs
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
+    plt.close(fig)
+    return path
+
+
+def _three_axes(title: str) -> tuple[plt.Figure, Sequence[plt.Axes]]:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), sharex=True, constrained_layout=True)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def draw_panel_a(ctx: FigureContext) -> list[Path]:
+    """Panel (a): modal coefficients e_k = v_kᵀ g over steps, one subplot per mode (eigenvalues ascending)."""
+    runs = ctx.toy_runs
+    fig, axes = _three_axes(
+        rf"(a) Modal coefficients $e_k = v_k^\top g$ of the residual in the eigenbasis of $H_z$, $\eta = {ctx.config.eta:g}$"
+    )
+    names = [
+        r"mode 0: null mode $\mathbb{1}/\sqrt{K}$ ($\lambda_0 = 0$)",
+        r"mode 1: lower curvature $\lambda_1$",
+        r"mode 2: top curvature $\lambda_2$",
+    ]
+    for k, ax in enumerate(axes):
+        for traj in runs:
+            steps = range(traj.steps + 1)
+            ax.plot(
+                steps, traj.modal[:, k], STYLES[traj.name], color=COLORS[traj.name], label=legend_label(traj)
+            )
+        ax.set_title(names[k] if k < len(names) else f"mode {k}")
+        ax.set_xlabel("step t")
+        ax.set_ylabel(rf"$e_{k} = v_{k}^\top g$")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-1, 1)
+    axes[-1].legend(loc="lower right", fontsize=8)
+    return [_save(fig, ctx.out / "figure1a.png")]
+
+
+def draw_panel_b(ctx: FigureContext) -> list[Path]:
+    """Panel (b): class residuals g_k = p_k − [k = y] over steps for y, y* and the other class."""
+    runs = ctx.toy_runs
+    roles = class_roles(ctx.config)
+    order = sorted(roles, key=lambda k: ["y", "y*", "other"].index(roles[k]))
+    titles = {
+        "y": r"class $y$ (trained label): $g_y = p_y - 1$",
+        "y*": r"class $y^*$ (most likely other): $g_{y^*} = p_{y^*}$",
+        "other": r"other class: $g_k = p_k$",
+    }
+    fig, axes = _three_axes(rf"(b) Class residuals $g = p - e_y$, $\eta = {ctx.config.eta:g}$")
+    for ax, k in zip(axes, order, strict=True):
+        for traj in runs:
+            steps = range(traj.steps + 1)
+            ax.plot(
+                steps,
+                traj.residuals[:, k],
+                STYLES[traj.name],
+                color=COLORS[traj.name],
+                label=legend_label(traj),
+            )
+        ax.set_title(f"{titles[roles[k]]} (class {k})")
+        ax.set_xlabel("step t")
+        ax.set_ylabel({"y": r"$g_y$", "y*": r"$g_{y^*}$", "other": r"$g_{\mathrm{other}}$"}[roles[k]])
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="lower right", fontsize=8)
+    return [_save(fig, ctx.out / "figure1b.png")]
+
+
+def draw_panel_c(ctx: FigureContext) -> list[Path]:
+    """Panel (c): LM squeezing runs (Figure 1(c)); hook for the LM layer, not available yet."""
+    print("figure1: panel c not available yet")
+    return []
+
+
+def draw_panel_d(ctx: FigureContext) -> list[Path]:
+    """Panel (d): LM squeezing runs (Figure 1(d)); hook for the LM layer, not available yet."""
+    print("figure1: panel d not available yet")
+    return []
+
+
+PANELS: dict[str, Callable[[FigureContext], list[Path]]] = {
+    "a": draw_panel_a,
+    "b": draw_panel_b,
+    "c": draw_panel_c,
+    "d": draw_panel_d,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags; panels c/d may add their own flags here."""
+    defaults = ToyConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--panels", nargs="+", choices=sorted(PANELS), default=["a", "b"], help="panels to draw"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: figures/)")
+    parser.add_argument(
+        "--eta", type=float, default=defaults.eta, help="toy learning rate η (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rho", type=float, default=defaults.rho, help="toy SAM radius |ρ| (default %(default)s)"
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="toy steps T (default %(default)s)")
+    parser.add_argument("--caption", action="store_true", help="print the caption of panels a-b and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = ToyConfig(eta=args.eta, rho=args.rho, steps=args.steps)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.caption:
+        print(caption(config))
+        return 0
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: expected a folder, got the file {args.out}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = FigureContext(args=args, out=args.out, config=config)
+    for panel in dict.fromkeys(args.panels):  # keep order, drop repeats; each panel is written as it is drawn
+        for path in PANELS[panel](ctx):
+            print(f"figure1: wrote {path}")
+    if ctx._toy_runs is not None:
+        print(f"figure1: wrote {args.out / 'figure1_toy.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
