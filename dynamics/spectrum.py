@@ -11,6 +11,16 @@ theory.md §1 facts, made computable at scale [ours]:
   f strictly decreasing between consecutive poles, from +∞ to −∞: one root in each interval (u_l, u_{l+1}) of
   consecutive distinct positive values of p (interlacing). Since Σ p = 1, f(0) = 0: the null mode λ = 0,
   v = 𝟙/√V (H_z 𝟙 = 0) is the root below the smallest pole.
+- The equation actually solved. With Σ p = 1, f(λ) = Σp_i − Σ p_i²/(p_i − λ) = −λ F(λ) with
+
+      F(λ) = Σ_i p_i / (p_i − λ) = 𝟙ᵀu(λ),   u_i(λ) = p_i / (p_i − λ),
+
+  so the nonzero eigenvalues are the roots of F: exactly the condition that the eigenvector u be orthogonal to
+  the null mode 𝟙. F has the same poles and interlacing (increasing from −∞ to +∞ between poles) but no
+  constant term: f's "1 − Σ" cancels catastrophically when one p_i ≈ 1 and λ ≪ eps (e.g. p = (1 − δ, δ),
+  λ = 2δ(1 − δ) with δ = 1e-29: f cannot resolve λ, F does), and solving F keeps the computed eigenvectors
+  orthogonal to 𝟙 to rounding. The null mode is taken as exact (λ = 0, 𝟙/√V); for p summing to 1 only up to
+  rounding its residual is ‖p‖·|1 − Σp|.
 - Deflation. A value u repeated m times gives the eigenvalue u exactly, m − 1 times, with eigenvectors spanning
   {v supported on those coordinates, Σ v_i = 0} (returned as an orthonormal Helmert basis); the group acts as a
   single pole of weight m u² in f. Entries p_i ≤ TINY (1e-150, where p_i² would underflow) are treated as exact
@@ -64,13 +74,15 @@ def secular_function(p: np.ndarray, lam: np.ndarray | float) -> np.ndarray:
 def _solve_chunk(
     p: np.ndarray, lower: np.ndarray, upper: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Roots of f in (lower_r, upper_r) for r rows; returns (origin (r,), τ (r,), diff (r, V) = p − origin − τ).
+    """Roots of F in (lower_r, upper_r) for r rows; returns (origin (r,), τ (r,), diff (r, V) = p − origin − τ).
 
     lower < upper are consecutive distinct pole values. The root is origin + τ with origin the nearer pole.
+    The iteration solves −F(λ) = −Σ p_i/(p_i − λ) = 0 (see the module docstring), modelled as
+    c − s/(d_lo − λ) − S/(d_hi − λ) with s, S, c matching −F and its slope at the current iterate.
     """
-    weights = p * p
+    weights = p
     mid = 0.5 * (lower + upper)
-    f_mid = 1.0 - np.sum(weights[None, :] / (p[None, :] - mid[:, None]), axis=1)
+    f_mid = -np.sum(weights[None, :] / (p[None, :] - mid[:, None]), axis=1)
     # f decreasing: f(mid) > 0 means the root is above mid, closer to the upper pole.
     use_upper = f_mid > 0.0
     origin = np.where(use_upper, upper, lower)
@@ -97,7 +109,7 @@ def _solve_chunk(
         dpsi = np.where(below, ratio, 0.0).sum(axis=1)
         dphi = ratio.sum(axis=1) - dpsi
         del delta, ratio, below
-        f = 1.0 - psi - phi
+        f = -(psi + phi)  # −F(λ), decreasing between the poles like f
         # Bracket update: f > 0 -> root above x.
         a_r = np.where(f > 0.0, xr, a[rows])
         b_r = np.where(f < 0.0, xr, b[rows])
@@ -105,7 +117,7 @@ def _solve_chunk(
         delta2 = d_hi[rows] - xr
         s_lo = dpsi * delta1 * delta1
         s_hi = dphi * delta2 * delta2
-        c = 1.0 - (psi - s_lo / delta1) - (phi - s_hi / delta2)
+        c = -(psi - s_lo / delta1) - (phi - s_hi / delta2)
         qa = c
         qb = c * (delta1 + delta2) - s_lo - s_hi
         qc = f * delta1 * delta2
