@@ -1,0 +1,93 @@
+"""Figure 2: time per step and peak memory of AdamW, logits-SAM and full SAM, from efficiency.json.
+
+A pure function of the saved benchmark: ``python figures/figure2.py [figures/efficiency.json] [--out PNG]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MAIN_VARIANTS = ("adamw", "logits-sam", "sam")
+LABELS = {"adamw": "AdamW", "logits-sam": "logits-SAM", "sam": "SAM"}
+COLORS = {"adamw": "#4c72b0", "logits-sam": "#dd8452", "sam": "#55a868"}
+
+
+def plot_efficiency(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the two-panel bar chart (time per step, peak memory) with ratios to AdamW, plus the Gram-vs-dense
+    comparison when present, to ``path`` (PNG). ``data`` is the efficiency.json schema."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in MAIN_VARIANTS if v in data["variants"]]
+    gram = data.get("gram_vs_dense")
+    ncols = 3 if gram else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6))
+    base = data["variants"].get("adamw", {})
+    panels = [("step_time_s", "time per step (s)"), ("peak_mem_mb", "peak memory (MB)")]
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        vals = [data["variants"][v][key] for v in variants]
+        bars = ax.bar([LABELS[v] for v in variants], vals, color=[COLORS[v] for v in variants])
+        for bar, val in zip(bars, vals, strict=True):
+            ratio = val / base[key] if base.get(key) else float("nan")
+            ax.annotate(
+                f"{val:.3g}\n×{ratio:.3f}",
+                (bar.get_x() + bar.get_width() / 2, val),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(vals) * 1.3)
+    if gram:
+        ax = axes[2]
+        names = ["dense", "gram"]
+        vals = [gram["dense_step_time_s"], gram["gram_step_time_s"]]
+        bars = ax.bar(names, vals, color=["#8172b3", "#937860"])
+        for bar, val in zip(bars, vals, strict=True):
+            ax.annotate(
+                f"{val:.3g}", (bar.get_x() + bar.get_width() / 2, val), ha="center", va="bottom", fontsize=8
+            )
+        ax.set_ylabel("logits-SAM time per step (s)")
+        ax.set_title(f"route, N={gram['tokens']} tokens, d={gram['hidden']}", fontsize=9)
+        ax.set_ylim(0, max(vals) * 1.3)
+    cfg = data.get("config", {})
+    fig.suptitle(
+        f"{cfg.get('model', 'model')}: head share {100 * data['head_share']:.2f}%, "
+        f"{cfg.get('batch_pairs', '?')} pairs × {cfg.get('seq_len', '?')} tokens, {cfg.get('device', 'cpu')}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", nargs="?", default="figures/efficiency.json", help="efficiency.json to plot")
+    parser.add_argument("--out", default=None, help="output PNG (default: figure2.png beside the JSON)")
+    args = parser.parse_args(argv)
+    src = Path(args.json)
+    if not src.is_file():
+        parser.error(f"{src}: no such file (run experiments/efficiency.py first)")
+    try:
+        data = json.loads(src.read_text())
+        data["variants"], data["head_share"]
+    except (ValueError, KeyError) as err:
+        parser.error(f"{src}: not an efficiency.json ({type(err).__name__}: {err})")
+    out = plot_efficiency(data, args.out or src.with_name("figure2.png"))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
