@@ -1,0 +1,230 @@
+"""Logit-space curvature on real LM tokens, and the multi-token head-step bridge (issue 6, part 2).
+
+Per-token probe (theory.md §1, S1, S4, S5 applied to each token of a causal-LM batch; float64 internally):
+
+- ``trace_hz``        tr H_z = 1 − ‖p‖²                                   (§1)
+- ``feature_sq_norm`` μ = ‖h‖² (+1 with a head bias: the bias is a constant feature 1)
+- ``head_trace``      μ · tr H_z = tr H_W, the head's Hessian trace: S1 [paper], H_W = (hhᵀ) ⊗ H_z, and
+                      tr(A ⊗ B) = tr A · tr B; with a bias the head acts on [h; 1], hence ‖h‖² + 1.
+- ``top_modal_share`` Σ_{j≤k} (v_jᵀ g)² / ‖g‖² for g = p − e_target and the k top-curvature modes of H_z
+                      (S4 [paper]; computed by `dynamics.spectrum.top_modes`, O(kV) per token)
+- ``alpha_target``, ``alpha_argmax``, ``alpha_top_other``: confidence ratios α = p_after / p_before (S5
+                      [reconstructed]) of the target token, of the argmax token of the *before* logits, and of
+                      the most likely non-target token y* = argmax_{k≠target} p_before (S5's y*), between two
+                      checkpoints' logits on the same tokens.
+
+Bridge at scale [ours; a multi-token form of S2/S3, derived here, not taken from the paper]. Frozen backbone:
+fixed features h_i (N × d), head W (V × d), optional bias b; summed loss L = Σ_i CE(z_i, y_i), z_i = W h_i + b,
+g_i = p_i − e_{y_i}, H_i = diag(p_i) − p_i p_iᵀ. Then ∇_W L = G = Σ_j g_j h_jᵀ and ∇_b L = Σ_j g_j.
+
+- NTK coupling: Θ^W_ij = h_iᵀ h_j and, for the step, Θ_ij = Θ^W_ij (+1 with a bias that is trained).
+- SAM perturbation (W only; the bias is not perturbed, theory.md §4): ε = ρ G / ‖G‖_F with
+  ‖G‖_F² = Σ_ij Θ^W_ij g_iᵀ g_j. It moves the logits of token i by exactly
+      δ_i = ε h_i = ρ Σ_j Θ^W_ij g_j / ‖G‖_F                                         (exact, as S2)
+  For N = 1: δ = ρ μ g / (√μ ‖g‖) = ρ̃ g with ρ̃ = ρ√μ/‖g‖, which is S2.
+- Exact step: W⁺ = W − η Σ_j g̃_j h_jᵀ, b⁺ = b − η Σ_j g̃_j, g̃_j = softmax(z_j + δ_j) − e_{y_j}, so
+      Δz_i = −η Σ_j Θ_ij g̃_j                                                          (exact)
+- First order, g̃_j = g_j + H_j δ_j + O(‖δ‖²):
+      Δz_i = −η Σ_j Θ_ij (g_j + H_j δ_j) + r_z,         r_z = O(|η| ρ²)              (logit form)
+      g_i⁺ = g_i − η H_i Σ_j Θ_ij (g_j + H_j δ_j) + r_g, r_g = O(|η|ρ² + η²)         (residual form)
+  With ρ = κ√|η| the SAM term is O(|η|^{3/2}) and both remainders O(η²) (theory.md S3's check); with ρ = 0
+  the logit form is exact. Dropping the H_j δ_j term, flipping its sign, or dropping the cross-token coupling
+  (Θ → diag Θ) leaves an O(|η|^{3/2}) or O(|η|) error instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynamics.spectrum import top_modes
+
+STAT_KEYS = (
+    "trace_hz",
+    "feature_sq_norm",
+    "head_trace",
+    "top_modal_share",
+    "alpha_target",
+    "alpha_argmax",
+    "alpha_top_other",
+)
+
+
+def _flatten(
+    logits: torch.Tensor, hidden: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Validate and flatten to (N, V), (N, d), (N,), (N,) bool; returns the token shape (B, T) or (N,)."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim not in (2, 3):
+        raise ValueError(
+            f"logits: expected a tensor of shape (B, T, V) or (N, V), got {getattr(logits, 'shape', None)}"
+        )
+    token_shape = tuple(logits.shape[:-1])
+    if (
+        not isinstance(hidden, torch.Tensor)
+        or tuple(hidden.shape[:-1]) != token_shape
+        or hidden.ndim != logits.ndim
+    ):
+        raise ValueError(
+            f"hidden: expected shape {token_shape + ('d',)}, got {getattr(hidden, 'shape', None)}"
+        )
+    if not isinstance(target_ids, torch.Tensor) or tuple(target_ids.shape) != token_shape:
+        raise ValueError(
+            f"target_ids: expected shape {token_shape}, got {getattr(target_ids, 'shape', None)}"
+        )
+    if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool:
+        raise ValueError(f"target_ids: expected integer token ids, got dtype {target_ids.dtype}")
+    vocab = logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"logits: expected a vocabulary of at least 2, got {vocab}")
+    if mask is None:
+        mask = torch.ones(token_shape, dtype=torch.bool, device=logits.device)
+    elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != token_shape:
+        raise ValueError(f"mask: expected shape {token_shape}, got {getattr(mask, 'shape', None)}")
+    flat_mask = mask.reshape(-1).to(torch.bool)
+    flat_targets = target_ids.reshape(-1)
+    chosen = flat_targets[flat_mask]
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= vocab):
+        raise ValueError(f"target_ids: expected ids in [0, {vocab}) on masked-in tokens")
+    flat_logits = logits.detach().reshape(-1, vocab).to(torch.float64)
+    flat_hidden = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float64)
+    if not torch.isfinite(flat_logits[flat_mask]).all() or not torch.isfinite(flat_hidden[flat_mask]).all():
+        raise ValueError("logits/hidden: expected finite values on masked-in tokens")
+    return flat_logits, flat_hidden, flat_targets.clamp(0, vocab - 1), flat_mask, token_shape
+
+
+def token_curvature_stats(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    target_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    logits_after: torch.Tensor | None = None,
+    head_bias: bool = False,
+    top_k: int = 1,
+    modal_share: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-token curvature probe (module docstring; §1, S1, S4, S5).
+
+    logits (B, T, V) or (N, V): the logits that predict ``target_ids`` (B, T) or (N,) (for a causal LM, the
+    caller shifts: logits[:, t] predicts input_ids[:, t + 1]); hidden (..., d): the states entering lm_head at
+    the same positions; mask (...) bool/0-1, default all; logits_after (same shape as logits): a second
+    checkpoint's logits on the same tokens, for the α ratios; head_bias: whether lm_head has a bias (μ gets +1);
+    top_k: modes used for ``top_modal_share`` (cost O(top_k · V) per masked-in token, on the CPU, float64);
+    modal_share=False skips it. Returns float64 tensors of the token shape, NaN on masked-out tokens, plus
+    ``mask`` (bool). The α keys appear only with ``logits_after``.
+    """
+    flat_logits, flat_hidden, targets, flat_mask, token_shape = _flatten(logits, hidden, target_ids, mask)
+    num_tokens, vocab = flat_logits.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k: expected an int in [1, {vocab}], got {top_k!r}")
+    log_p = torch.log_softmax(flat_logits, dim=-1)
+    p = log_p.exp()
+    nan = torch.full((num_tokens,), float("nan"), dtype=torch.float64, device=flat_logits.device)
+    trace_hz = 1.0 - (p * p).sum(-1)
+    mu = (flat_hidden * flat_hidden).sum(-1) + (1.0 if head_bias else 0.0)
+    stats = {"trace_hz": trace_hz, "feature_sq_norm": mu, "head_trace": mu * trace_hz}
+    if modal_share:
+        share = nan.clone()
+        p_cpu = p.cpu().numpy()
+        for index in torch.nonzero(flat_mask).flatten().tolist():
+            probs = p_cpu[index] / p_cpu[index].sum()
+            residual = probs.copy()
+            residual[int(targets[index])] -= 1.0
+            share[index] = _share(probs, residual, top_k)
+        stats["top_modal_share"] = share
+    if logits_after is not None:
+        if not isinstance(logits_after, torch.Tensor) or logits_after.shape != logits.shape:
+            raise ValueError(
+                f"logits_after: expected shape {tuple(logits.shape)}, got {getattr(logits_after, 'shape', None)}"
+            )
+        after = logits_after.detach().reshape(-1, vocab).to(torch.float64).to(flat_logits.device)
+        if not torch.isfinite(after[flat_mask]).all():
+            raise ValueError("logits_after: expected finite values on masked-in tokens")
+        log_ratio = torch.log_softmax(after, dim=-1) - log_p  # log α_k = log p_after − log p_before
+        argmax = p.argmax(-1)
+        others = p.scatter(-1, targets[:, None], -1.0).argmax(-1)
+        stats["alpha_target"] = log_ratio.gather(-1, targets[:, None]).squeeze(-1).exp()
+        stats["alpha_argmax"] = log_ratio.gather(-1, argmax[:, None]).squeeze(-1).exp()
+        stats["alpha_top_other"] = log_ratio.gather(-1, others[:, None]).squeeze(-1).exp()
+    out = {key: torch.where(flat_mask, value, nan).reshape(token_shape) for key, value in stats.items()}
+    out["mask"] = flat_mask.reshape(token_shape)
+    return out
+
+
+def _share(probs: np.ndarray, residual: np.ndarray, top_k: int) -> float:
+    """Σ_{j≤k} (v_jᵀ g)² / ‖g‖² on the top-k modes of H_z (S4); 0 when g = 0."""
+    total = float(residual @ residual)
+    if total == 0.0:
+        return 0.0
+    _, vectors = top_modes(probs, top_k)
+    coeffs = vectors.T @ residual
+    return float(coeffs @ coeffs) / total
+
+
+def summarize_curvature(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Masked means of `token_curvature_stats` output: {key: mean over masked-in tokens} for each stat present,
+    plus ``n_tokens``. The α means are arithmetic means of the per-token ratios. NaN when no token is in."""
+    if "mask" not in stats:
+        raise ValueError("stats: expected the output of token_curvature_stats (with a 'mask' entry)")
+    mask = stats["mask"].to(torch.bool)
+    count = int(mask.sum())
+    summary: dict[str, float] = {"n_tokens": float(count)}
+    for key in STAT_KEYS:
+        if key in stats:
+            summary[key] = float(stats[key][mask].mean()) if count else float("nan")
+    return summary
+
+
+def ntk_gram(hidden: torch.Tensor, head_bias: bool = False) -> torch.Tensor:
+    """Θ_ij = h_iᵀ h_j (+1 with a head bias): the head's empirical NTK between tokens; hidden (N, d) -> (N, N)."""
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden: expected shape (N, d), got {tuple(hidden.shape)}")
+    gram = hidden @ hidden.T
+    return gram + 1.0 if head_bias else gram
+
+
+def _residuals(logits: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.softmax(logits, dim=-1)
+    return p, p - torch.nn.functional.one_hot(target_ids, logits.shape[-1]).to(p.dtype)
+
+
+def _hz_apply(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Row-wise H_z x = p ⊙ x − p (pᵀx) in O(V); p, x (N, V) -> (N, V)."""
+    return p * x - p * (p * x).sum(-1, keepdim=True)
+
+
+def sam_logit_perturbation(
+    logits: torch.Tensor, hidden: torch.Tensor, target_ids: torch.Tensor, rho: float
+) -> torch.Tensor:
+    """δ_i = ε h_i = ρ Σ_j Θ^W_ij g_j / ‖G‖_F, exact [ours; multi-token S2]; (N, V), (N, d), (N,) -> (N, V).
+
+    G = Σ_j g_j h_jᵀ is the summed-CE gradient of W; ‖G‖_F² = Σ_ij Θ^W_ij g_iᵀ g_j; δ = 0 when G = 0.
+    """
+    _, g = _residuals(logits, target_ids)
+    coupled = ntk_gram(hidden) @ g  # (Θ^W g)_i = G h_i
+    norm_sq = (g * coupled).sum()
+    if float(norm_sq) <= 0.0:
+        return torch.zeros_like(g)
+    return rho * coupled / norm_sq.sqrt()
+
+
+def predicted_head_step(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    target_ids: torch.Tensor,
+    lr: float,
+    rho: float = 0.0,
+    *,
+    head_bias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order multi-token head step of GD (ρ = 0) or SAM [ours; module docstring, multi-token S3].
+
+    logits (N, V), hidden (N, d), target_ids (N,), lr = η (either sign), rho = ρ (either sign), head_bias:
+    whether the head has a trained (unperturbed) bias. Returns (Δz (N, V), g⁺ (N, V)):
+        Δz_i = −η Σ_j Θ_ij (g_j + H_j δ_j),   g⁺_i = g_i + H_i Δz_i,   δ = `sam_logit_perturbation`.
+    """
+    p, g = _residuals(logits, target_ids)
+    delta = sam_logit_perturbation(logits, hidden, target_ids, rho)
+    effective = g + _hz_apply(p, delta)
+    dz = -lr * (ntk_gram(hidden, head_bias) @ effective)
+    return dz, g + _hz_apply(p, dz)
