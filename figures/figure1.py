@@ -162,10 +162,17 @@ PANELS: dict[str, Callable[[FigureContext], list[Path]]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags; panels c/d may add their own flags here."""
     defaults = ToyConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--panels", nargs="+", choices=sorted(PANELS), default=["a", "b"], help="panels to draw"
     )
