@@ -43,3 +43,6 @@ from dynamics.theory import (  # noqa: E402,F401
     step_confidence_ratios,
 )
 from dynamics.toy import ToyConfig, class_roles, run_toy, toy_record  # noqa: E402,F401
+
+# isort: split
+from dynamics.spectrum import full_spectrum, hz_matvec, secular_function, top_mode_share, top_modes  # noqa: E402,F401

@@ -3,3 +3,11 @@
 from dynamics.lm.logps import max_conf_logps, sequence_logps, token_logps  # noqa: E402, F401
 from dynamics.lm.losses import LOSSES, PreferenceObjective, preference_loss  # noqa: E402, F401
 from dynamics.lm.perturb import METHODS, PreferenceStep, compute_step, make_trainer_step  # noqa: E402, F401
+
+# isort: split
+from dynamics.lm.curvature import (  # noqa: E402, F401
+    predicted_head_step,
+    sam_logit_perturbation,
+    summarize_curvature,
+    token_curvature_stats,
+)
