@@ -175,6 +175,22 @@ def _check_k(k: object, size: int) -> int:
     return int(k)
 
 
+def _null_rows(p: np.ndarray, zero_idx: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` of an orthonormal basis of ker H_z (rows): 𝟙/√V, then, when some p_i = 0 (m of them,
+    n = V − m positive), (n·𝟙_zero − m·𝟙_positive)/√(nmV) and the Helmert vectors on the zero coordinates."""
+    size = p.shape[0]
+    num_zero = zero_idx.shape[0]
+    rows = [np.full((1, size), 1.0 / np.sqrt(size))]
+    if num_zero > 0 and num_zero < size:
+        rest = size - num_zero
+        extra = np.full((1, size), -num_zero / np.sqrt(rest * num_zero * size))
+        extra[0, zero_idx] = rest / np.sqrt(rest * num_zero * size)
+        rows.append(extra)
+    if num_zero > 1:
+        rows.append(_helmert_rows(zero_idx, min(num_zero - 1, max(0, count - len(rows))), size))
+    return np.concatenate(rows, axis=0)[:count]
+
+
 def full_spectrum(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All V eigenpairs of H_z = diag(p) − ppᵀ in O(V²) time, no matrix formed [ours]; like numpy `eigh`.
 
@@ -187,17 +203,9 @@ def full_spectrum(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = np.where(p <= TINY, 0.0, p)
     order = np.argsort(p, kind="stable")
     sorted_p = p[order]
-    values_parts: list[np.ndarray] = [np.zeros(1)]
-    rows_parts: list[np.ndarray] = [np.full((1, size), 1.0 / np.sqrt(size))]
     num_zero = int(np.count_nonzero(sorted_p == 0.0))
-    if num_zero > 0:
-        zero_idx = order[:num_zero]
-        rows_parts.append(_helmert_rows(zero_idx, num_zero - 1, size))
-        rest = size - num_zero
-        extra = np.full((1, size), -num_zero / np.sqrt(rest * num_zero * size))
-        extra[0, zero_idx] = rest / np.sqrt(rest * num_zero * size)
-        rows_parts.append(extra)
-        values_parts.append(np.zeros(num_zero))
+    values_parts: list[np.ndarray] = [np.zeros(1 + num_zero)]
+    rows_parts: list[np.ndarray] = [_null_rows(p, order[:num_zero], 1 + num_zero)]
     positive = sorted_p[num_zero:]
     uniq, first, counts = np.unique(positive, return_index=True, return_counts=True)
     root_values, root_rows = _interval_pairs(p, uniq[:-1], uniq[1:])
@@ -219,7 +227,8 @@ def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     p (V,), k in [1, V] -> (λ (k,) DESCENDING, vectors (V, k) orthonormal columns). Uses the k + 1 largest
     entries of p (argpartition, O(V)) and their multiplicities (O(kV)); each top root lies between two of them
-    (interlacing). Falls back to `full_spectrum` when k is a sizeable part of V or the top entries reach ~0.
+    (interlacing). Entries ≤ TINY are exact zeros; past the smallest positive value the remaining modes are
+    the null space (`_null_rows`). Falls back to `full_spectrum` when 4(k + 1) ≥ V.
     """
     p = as_probs(p)
     size = p.shape[0]
@@ -227,16 +236,14 @@ def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if 4 * (k + 1) >= size:
         values, vectors = full_spectrum(p)
         return values[::-1][:k].copy(), vectors[:, ::-1][:, :k].copy()
+    p = np.where(p <= TINY, 0.0, p)  # deflated as exact zeros, as in full_spectrum
     top_idx = np.argpartition(p, size - (k + 1))[size - (k + 1) :]
     cand = np.unique(p[top_idx])[::-1]  # distinct candidate values, descending
-    if cand[-1] <= TINY:
-        values, vectors = full_spectrum(p)
-        return values[::-1][:k].copy(), vectors[:, ::-1][:, :k].copy()
     plan: list[tuple[str, float, float | np.ndarray, int]] = []  # (kind, value, lower or indices, count)
     found = 0
     seen = 0
     for pos, value in enumerate(cand):
-        if found >= k:
+        if found >= k or value == 0.0:
             break
         members = np.flatnonzero(p == value)
         seen += members.size
@@ -246,13 +253,15 @@ def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             found += take
         if found >= k:
             break
-        if pos + 1 < cand.shape[0]:
+        if pos + 1 < cand.shape[0] and cand[pos + 1] > 0.0:
             plan.append(("root", float(value), float(cand[pos + 1]), 1))
-        elif seen == size:
-            plan.append(("null", 0.0, 0.0, 1))
+            found += 1
+        elif pos + 1 < cand.shape[0] or seen == np.count_nonzero(p):
+            break  # no positive value below: the rest of the spectrum is the null space
         else:  # pragma: no cover - excluded by the counting argument in the docstring
             raise RuntimeError("top_modes: candidate set too small; please report")
-        found += 1
+    if found < k:
+        plan.append(("null", 0.0, 0.0, k - found))
     roots = [item for item in plan if item[0] == "root"]
     if roots:
         lower = np.array([item[2] for item in roots])
@@ -271,8 +280,8 @@ def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             vectors[:, col] = root_rows[next_root]
             next_root += 1
         else:
-            values[col] = 0.0
-            vectors[:, col] = 1.0 / np.sqrt(size)
+            values[col : col + count] = 0.0
+            vectors[:, col : col + count] = _null_rows(p, np.flatnonzero(p == 0.0), count).T
         col += count
     return values, vectors
 

@@ -60,8 +60,15 @@ def probs(draw, min_size: int = 2, max_size: int = 40) -> np.ndarray:
     return p
 
 
-def check_eigenpairs(p: np.ndarray, values: np.ndarray, vectors: np.ndarray, reference: np.ndarray) -> None:
-    """The checker: eigenvalues vs a reference (sorted the same way), residuals, unit norms, orthogonality."""
+def check_eigenpairs(
+    p: np.ndarray,
+    values: np.ndarray,
+    vectors: np.ndarray,
+    reference: np.ndarray,
+    spectrum: np.ndarray | None = None,
+) -> None:
+    """The checker: eigenvalues vs a reference (sorted the same way), residuals, unit norms, orthogonality.
+    `spectrum` (all eigh eigenvalues, for the gaps) is recomputed when not given."""
     size = p.shape[0]
     tol = 64 * size * EPS
     dense = dense_hz(p)
@@ -70,7 +77,7 @@ def check_eigenpairs(p: np.ndarray, values: np.ndarray, vectors: np.ndarray, ref
     residual = np.linalg.norm(dense @ vectors - vectors * values, axis=0)
     assert np.max(residual) <= tol
     assert np.allclose(np.linalg.norm(vectors, axis=0), 1.0, rtol=0, atol=16 * EPS * size)
-    spectrum = np.linalg.eigh(dense)[0]
+    spectrum = np.linalg.eigvalsh(dense) if spectrum is None else spectrum
     gaps = np.array(
         [np.min(np.abs(np.delete(spectrum, np.argmin(np.abs(spectrum - v))) - v)) for v in values]
     )
@@ -95,7 +102,8 @@ def test_matvec_matches_dense(p, seed):
 def test_full_spectrum_matches_eigh(p):
     values, vectors = full_spectrum(p)
     assert values.shape == p.shape and np.all(np.diff(values) >= 0)
-    check_eigenpairs(p, values, vectors, np.linalg.eigh(dense_hz(p))[0])
+    spectrum = np.linalg.eigvalsh(dense_hz(p))
+    check_eigenpairs(p, values, vectors, spectrum, spectrum)
 
 
 @settings(max_examples=40)
@@ -104,7 +112,8 @@ def test_top_modes_match_eigh(p, k):
     k = min(k, p.shape[0])
     values, vectors = top_modes(p, k)
     assert np.all(np.diff(values) <= 0)
-    check_eigenpairs(p, values, vectors, np.linalg.eigh(dense_hz(p))[0][::-1][:k])
+    spectrum = np.linalg.eigvalsh(dense_hz(p))
+    check_eigenpairs(p, values, vectors, spectrum[::-1][:k], spectrum)
 
 
 @given(probs())
@@ -228,3 +237,19 @@ def test_secular_function_vanishes_at_zero_and_changes_sign():
     assert abs(float(secular_function(p, 0.0))) <= 4 * EPS
     f = secular_function(p, np.array([0.1 + 1e-9, 0.2 - 1e-9]))
     assert f[0] > 0 > f[1]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_top_modes_with_few_positive_entries_at_large_v(k):
+    """A near-one-hot token (only 3 entries above TINY) at V = 50,257: no O(V²) fallback, and modes past the
+    positive structure are null vectors (λ = 0), orthonormal and orthogonal to the positive modes."""
+    size = 50257
+    p = np.zeros(size)
+    p[[5, 70, 900]] = [0.7, 0.2, 0.1 - 1e-200]
+    p[1000] = 1e-200
+    values, vectors = top_modes(p, k)
+    dense = dense_hz(p[[5, 70, 900]])
+    expected = np.concatenate([np.linalg.eigh(dense)[0][::-1][:2], np.zeros(max(0, k - 2))])[:k]
+    assert np.max(np.abs(values - expected)) <= 1e-15
+    assert np.max(np.linalg.norm(hz_matvec(p, vectors) - vectors * values, axis=0)) <= 1e-15
+    assert np.max(np.abs(vectors.T @ vectors - np.eye(k))) <= 1e-13
