@@ -73,16 +73,16 @@ def secular_function(p: np.ndarray, lam: np.ndarray | float) -> np.ndarray:
 
 def _solve_chunk(
     p: np.ndarray, lower: np.ndarray, upper: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # p: (V,) shared by the r rows, or (r, V) one per row
     """Roots of F in (lower_r, upper_r) for r rows; returns (origin (r,), τ (r,), diff (r, V) = p − origin − τ).
 
     lower < upper are consecutive distinct pole values. The root is origin + τ with origin the nearer pole.
     The iteration solves −F(λ) = −Σ p_i/(p_i − λ) = 0 (see the module docstring), modelled as
     c − s/(d_lo − λ) − S/(d_hi − λ) with s, S, c matching −F and its slope at the current iterate.
     """
-    weights = p
+    rows_p = p if p.ndim == 2 else p[None, :]  # (r, V) per-row poles, or one p shared by all rows
     mid = 0.5 * (lower + upper)
-    f_mid = -np.sum(weights[None, :] / (p[None, :] - mid[:, None]), axis=1)
+    f_mid = -np.sum(rows_p / (rows_p - mid[:, None]), axis=1)
     # f decreasing: f(mid) > 0 means the root is above mid, closer to the upper pole.
     use_upper = f_mid > 0.0
     origin = np.where(use_upper, upper, lower)
@@ -92,7 +92,7 @@ def _solve_chunk(
     # Bracket for τ (open at the pole end).
     a = np.where(use_upper, half, 0.0)
     b = np.where(use_upper, 0.0, half)
-    shifted = p[None, :] - origin[:, None]  # (r, V): d_i − origin
+    shifted = rows_p - origin[:, None]  # (r, V): d_i − origin
     x = 0.5 * (a + b)
     active = np.ones(lower.shape[0], dtype=bool)
     for _ in range(_MAX_ITER):
@@ -101,7 +101,7 @@ def _solve_chunk(
             break
         xr = x[rows]
         delta = shifted[rows] - xr[:, None]  # d_i − λ
-        ratio = weights[None, :] / delta
+        ratio = (rows_p[rows] if p.ndim == 2 else rows_p) / delta
         below = delta < 0.0
         psi = np.where(below, ratio, 0.0).sum(axis=1)
         phi = ratio.sum(axis=1) - psi
@@ -283,6 +283,40 @@ def top_modes(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             values[col : col + count] = 0.0
             vectors[:, col : col + count] = _null_rows(p, np.flatnonzero(p == 0.0), count).T
         col += count
+    return values, vectors
+
+
+def top_mode_batched(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top eigenpair of H_z for each of N distributions at once [ours]; probs (N, V) -> (λ (N,), v (N, V)).
+
+    Rows whose two largest entries are distinct are solved together (the root in (p_(2), p_(1)), chunked to
+    bound memory); rows with a tied maximum (a degenerate top eigenvalue) use `top_modes(row, 1)`.
+    O(N·V) time and O(chunk·V) working memory beyond the (N, V) output.
+    """
+    probs = as_float_array(probs, "probs", ndim=2)
+    num, size = probs.shape
+    if size < 2 or np.any(probs < -1e-6) or np.any(np.abs(probs.sum(axis=1) - 1.0) > 1e-6):
+        raise ValueError(
+            f"probs: expected rows of probabilities (nonnegative, summing to 1), got shape {probs.shape}"
+        )
+    probs = np.where(probs <= TINY, 0.0, probs)
+    top_two = -np.partition(-probs, 1, axis=1)[:, :2]
+    values = np.empty(num)
+    vectors = np.empty((num, size))
+    simple = np.flatnonzero(top_two[:, 0] > top_two[:, 1])
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // size)
+    for start in range(0, simple.size, rows_per_chunk):
+        rows = simple[start : start + rows_per_chunk]
+        chunk = probs[rows]
+        origin, tau, diff = _solve_chunk(chunk, top_two[rows, 1], top_two[rows, 0])
+        values[rows] = origin + tau
+        np.divide(chunk, diff, out=diff)
+        diff /= np.linalg.norm(diff, axis=1, keepdims=True)
+        vectors[rows] = diff
+    for row in np.setdiff1d(np.arange(num), simple):
+        row_values, row_vectors = top_modes(probs[row] / probs[row].sum(), 1)
+        values[row] = row_values[0]
+        vectors[row] = row_vectors[:, 0]
     return values, vectors
 
 

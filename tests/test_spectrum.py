@@ -21,6 +21,7 @@ from dynamics.spectrum import (
     modal_coefficients,
     near_flat_probs,
     secular_function,
+    top_mode_batched,
     top_mode_share,
     top_modes,
     zipf_probs,
@@ -253,3 +254,18 @@ def test_top_modes_with_few_positive_entries_at_large_v(k):
     assert np.max(np.abs(values - expected)) <= 1e-15
     assert np.max(np.linalg.norm(hz_matvec(p, vectors) - vectors * values, axis=0)) <= 1e-15
     assert np.max(np.abs(vectors.T @ vectors - np.eye(k))) <= 1e-13
+
+
+def test_top_mode_batched_matches_per_row():
+    """Batched top-1 over rows (distinct and tied maxima) equals `top_modes(row, 1)` up to sign."""
+    rows = [zipf_probs(200, seed=i) for i in range(4)] + [near_flat_probs(200, seed=9)]
+    tied = np.full(200, 0.5 / 198)
+    tied[[3, 17]] = 0.25
+    probs = np.stack(rows + [tied])
+    values, vectors = top_mode_batched(probs)
+    for row in range(probs.shape[0]):
+        ref_values, ref_vectors = top_modes(probs[row], 1)
+        assert abs(values[row] - ref_values[0]) <= 1e-16
+        assert abs(abs(vectors[row] @ ref_vectors[:, 0]) - 1.0) <= 1e-13
+    with pytest.raises(ValueError):
+        top_mode_batched(np.ones((2, 3)))

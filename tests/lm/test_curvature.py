@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from dynamics.lm.curvature import (
+    model_token_curvature,
     ntk_gram,
     predicted_head_step,
     sam_logit_perturbation,
@@ -57,7 +58,8 @@ def test_head_trace_is_s1_kronecker_trace(head_bias):
     assert abs(float(stats["trace_hz"][0]) - float(torch.trace(hz))) <= 1e-15
 
 
-def test_probe_values_mask_and_summary():
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_probe_values_mask_and_summary(top_k):
     gen = torch.Generator().manual_seed(1)
     batch, seq, vocab, dim = 2, 5, 40, 8
     logits = 3 * torch.randn(batch, seq, vocab, generator=gen)
@@ -66,7 +68,7 @@ def test_probe_values_mask_and_summary():
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.bool)
     mask[1, -2:] = False
-    stats = token_curvature_stats(logits, hidden, targets, mask, logits_after=after, top_k=3)
+    stats = token_curvature_stats(logits, hidden, targets, mask, logits_after=after, top_k=top_k)
     p = torch.softmax(logits.double(), -1)
     q = torch.softmax(after.double(), -1)
     for b in range(batch):
@@ -85,8 +87,8 @@ def test_probe_values_mask_and_summary():
             g = pi.copy()
             g[y] -= 1
             w, vecs = np.linalg.eigh(np.diag(pi) - np.outer(pi, pi))
-            if w[-3] - w[-4] > 1e-8:  # top-3 subspace well defined
-                dense_share = float(np.sum((vecs[:, -3:].T @ g) ** 2) / (g @ g))
+            if w[-top_k] - w[-top_k - 1] > 1e-8:  # top-k subspace well defined
+                dense_share = float(np.sum((vecs[:, -top_k:].T @ g) ** 2) / (g @ g))
                 assert abs(float(stats["top_modal_share"][b, t]) - dense_share) <= 1e-9
     summary = summarize_curvature(stats)
     assert summary["n_tokens"] == 8
@@ -133,6 +135,30 @@ def test_probe_s5_on_a_negative_gd_head_step():
 def test_probe_rejects_bad_inputs(kwargs):
     with pytest.raises(ValueError):
         token_curvature_stats(**kwargs)
+
+
+def test_model_token_curvature_alignment_and_ratios():
+    """The model helper: next-token alignment, lm_head inputs via the hook, masks, α between two checkpoints."""
+    model, ids = tiny_gpt2(seed=4)
+    attention = torch.ones_like(ids)
+    attention[1, -1] = 0
+    response = torch.zeros_like(ids)
+    response[:, 3:] = 1
+    stats, logits = model_token_curvature(model, ids, attention, response, top_k=1)
+    hidden, flat_logits, targets = features(model, ids)
+    expected = token_curvature_stats(flat_logits, hidden, targets, top_k=1)
+    mask = (attention[:, 1:] * response[:, 1:]).bool()
+    assert torch.equal(stats["mask"], mask)
+    for key in ("trace_hz", "head_trace", "top_modal_share"):
+        assert torch.allclose(stats[key][mask], expected[key].reshape(2, 5)[mask], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    later, _ = model_token_curvature(model, ids, attention, response, logits_before=logits, modal_share=False)
+    p0 = torch.softmax(logits, -1)
+    p1 = torch.softmax(model(ids).logits[:, :-1], -1)
+    alpha = p1.gather(-1, ids[:, 1:, None]).squeeze(-1) / p0.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(later["alpha_target"][mask], alpha[mask], rtol=1e-10, atol=0)
+    assert set(summarize_curvature(later)) >= {"trace_hz", "alpha_target", "alpha_argmax", "n_tokens"}
 
 
 # ---------------------------------------------------------------- bridge
