@@ -45,4 +45,11 @@ from dynamics.theory import (  # noqa: E402,F401
 from dynamics.toy import ToyConfig, class_roles, run_toy, toy_record  # noqa: E402,F401
 
 # isort: split
-from dynamics.spectrum import full_spectrum, hz_matvec, secular_function, top_mode_share, top_modes  # noqa: E402,F401
+from dynamics.spectrum import (  # noqa: E402,F401
+    full_spectrum,
+    hz_matvec,
+    secular_function,
+    top_mode_batched,
+    top_mode_share,
+    top_modes,
+)
