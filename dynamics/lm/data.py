@@ -212,47 +212,53 @@ def synthetic_pairs(
     seed: int = 0,
     response_len: int = 6,
     rejected_len: int | None = None,
-    filler_prob: float = 0.7,
+    filler_prob: float = 0.9,
 ) -> list[dict[str, str]]:
-    """A preference task on which the theory predicts squeezing (S5 in an LM) [ours].
+    """A preference task on which the theory predicts squeezing (S5 carried to an LM) [ours].
 
     Prompts "Q{3 digits}:" (the response does not depend on them). Responses are strings over the filler
-    letter "a" and ten content letters "b".."k".
+    letter "a" and ten content letters: "b".."f" (preferred) and "g".."k" (dispreferred).
 
-    - split "sft": chosen = `response_len` letters, each "a" with probability `filler_prob`, else a uniform
-      content letter. SFT on these makes the model **peaked**: at every response position the argmax is "a"
-      (p ≈ 0.7), each content letter ≈ 0.03.
-    - splits "train" / "test": chosen = `response_len` content letters (never the argmax at any position),
-      rejected = `rejected_len` (default 2 × `response_len`) content letters: a low-probability, off-policy
-      response. DPO's negative gradient on the rejected tokens lowers them and, by S5, pushes probability
-      onto the argmax "a" (α_{y*} > 1); through the shared output layer that raises "a" at the chosen
-      positions too, which is where log π(chosen) can fall while max_conf rises. The longer rejected response
-      gives the negative gradient more positions than the positive one; with equal lengths and shared
-      contexts the two gradients' "−p" parts cancel to first order (Δz = e_{y⁺} − e_{y⁻}), see the report.
+    - split "sft": chosen = a string of uniform length in [`response_len`, `rejected_len`], each letter "a"
+      with probability `filler_prob`, else a uniform content letter. SFT on these makes the model **peaked**:
+      at every response position the argmax is "a" (p ≈ 0.9), each content letter ≈ 0.01, and the varying
+      length keeps the end-of-text token below "a" until the longest length.
+    - splits "train" / "test": chosen = `response_len` preferred letters (never the argmax at any position),
+      rejected = `rejected_len` (default 3 × `response_len`) dispreferred letters: a low-probability,
+      off-policy response. DPO's negative gradient on the rejected tokens lowers them and, by S5, moves
+      probability onto the argmax "a" (α_{y*} > 1); through the shared parameters that raises "a" at the
+      chosen positions too, where log π(chosen) can fall while max_conf rises. The rejected response is
+      longer so the negative gradient acts on more positions than the positive one: where chosen and rejected
+      share a context, DPO's logit update is e_{y⁺} − e_{y⁻} and the two "−p" parts cancel (no squeezing to
+      first order); equal lengths with a shared letter set give no learnable preference at all.
     Different seeds / splits give independent draws; "test" uses seed + 1_000_003.
     """
     if split not in ("sft", "train", "test"):
         raise ValueError(f"synthetic split must be 'sft', 'train' or 'test', got {split!r}")
     if not 0.0 < filler_prob < 1.0:
         raise ValueError(f"filler_prob must lie in (0, 1), got {filler_prob}")
-    rejected_len = 2 * response_len if rejected_len is None else rejected_len
+    rejected_len = 3 * response_len if rejected_len is None else rejected_len
+    if not 1 <= response_len <= rejected_len:
+        raise ValueError(f"need 1 <= response_len <= rejected_len, got {response_len}, {rejected_len}")
     rng = random.Random(seed + {"sft": 7, "train": 0, "test": 1_000_003}[split])
+    good, bad = SYNTH_CONTENT[:5], SYNTH_CONTENT[5:]
 
-    def content(k: int) -> str:
-        return "".join(rng.choice(SYNTH_CONTENT) for _ in range(k))
+    def draw(letters: str, k: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(k))
 
     records = []
     for _ in range(n):
         prompt = f"Q{rng.randrange(1000):03d}:"
         if split == "sft":
+            length = rng.randint(response_len, rejected_len)
             chosen = "".join(
                 SYNTH_FILLER if rng.random() < filler_prob else rng.choice(SYNTH_CONTENT)
-                for _ in range(response_len)
+                for _ in range(length)
             )
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": content(rejected_len)})
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": draw(bad, rejected_len)})
         else:
             records.append(
-                {"prompt": prompt, "chosen": content(response_len), "rejected": content(rejected_len)}
+                {"prompt": prompt, "chosen": draw(good, response_len), "rejected": draw(bad, rejected_len)}
             )
     return records
 

@@ -49,6 +49,7 @@ class Preset:
     to `dynamics.lm.data`), `lr`, `beta` (DPO β), `batch_size` (pairs per optimizer step, all processes and
     accumulation together), `steps` (preference-training optimizer steps), `rho` (logits-SAM radius),
     `sft_steps` (SFT steps before preference training; 0 when `model_id` is already an SFT checkpoint),
+    `sft_lr` (the SFT learning rate),
     `max_length` / `max_prompt_length` (tokens), `source` (one line per number: its origin).
     """
 
@@ -61,6 +62,7 @@ class Preset:
     steps: int
     rho: float
     sft_steps: int = 0
+    sft_lr: float = 3e-6
     max_length: int = 512
     max_prompt_length: int = 256
     source: dict[str, str] = field(default_factory=dict)
@@ -91,6 +93,7 @@ PRESETS: dict[str, Preset] = {
             "steps": "[ours] one epoch: 19,578 WebGPT pairs (ties dropped leave fewer) / 64 ~ 306",
             "rho": "1e-4, the best rho of the sensitivity table (experiments.md, rho sensitivity)",
             "sft_steps": "[ours] GPT-2 has no public WebGPT SFT checkpoint: SFT on chosen answers first",
+            "sft_lr": "3e-6, Huang et al.'s SFT lr for Pythia-2.8B (experiments.md, Public recipes)",
             "max_length": "512 / 256 prompt, the DPO paper's recipe (experiments.md, Public recipes)",
         },
     ),
@@ -122,34 +125,38 @@ PRESETS: dict[str, Preset] = {
         name="tiny-gpt2",
         model_id="tiny:gpt2",
         dataset="synthetic",
-        lr=1e-3,
+        lr=1e-4,
         beta=0.1,
         batch_size=8,
-        steps=60,
-        rho=1e-3,
-        sft_steps=150,
+        steps=40,
+        rho=0.1,
+        sft_steps=200,
+        sft_lr=1e-3,
         max_length=64,
         max_prompt_length=32,
         source={
-            "all": "[ours] CPU-sized smoke-test values for the offline default run (experiments/squeezing.py)",
-            "rho": "1e-3, the official examples' rho (experiments.md, Public recipes)",
+            "all": "[ours] CPU-sized values for the offline default run (experiments/squeezing.py), chosen so "
+            "SFT reaches the data entropy and DPO moves the probes within 40 steps",
+            "rho": "[ours] 0.1: the tiny head has ||W||_F ~ 3, so the paper's 1e-4..1e-3 would be invisible",
         },
     ),
     "tiny-pythia": Preset(
         name="tiny-pythia",
         model_id="tiny:gpt-neox",
         dataset="synthetic",
-        lr=1e-3,
+        lr=1e-4,
         beta=0.1,
         batch_size=8,
-        steps=60,
-        rho=1e-3,
-        sft_steps=150,
+        steps=40,
+        rho=0.1,
+        sft_steps=200,
+        sft_lr=1e-3,
         max_length=64,
         max_prompt_length=32,
         source={
-            "all": "[ours] CPU-sized smoke-test values for the offline default run (experiments/squeezing.py)",
-            "rho": "1e-3, the official examples' rho (experiments.md, Public recipes)",
+            "all": "[ours] CPU-sized values for the offline default run (experiments/squeezing.py), chosen so "
+            "SFT reaches the data entropy and DPO moves the probes within 40 steps",
+            "rho": "[ours] 0.1: the tiny head has ||W||_F ~ 3, so the paper's 1e-4..1e-3 would be invisible",
         },
     ),
 }

@@ -105,11 +105,12 @@ def test_synthetic_task_is_deterministic_and_shaped():
     sft = synthetic_pairs("sft", n=400, seed=3)
     assert sft == synthetic_pairs("sft", n=400, seed=3)
     letters = "".join(r["chosen"] for r in sft)
-    assert 0.65 < letters.count("a") / len(letters) < 0.75  # filler probability 0.7: the SFT argmax is "a"
+    assert 0.85 < letters.count("a") / len(letters) < 0.95  # filler probability 0.9: the SFT argmax is "a"
     train, test = synthetic_pairs("train", n=50), synthetic_pairs("test", n=50)
     assert train != test
     for r in train:
-        assert "a" not in r["chosen"] and len(r["chosen"]) == 6 and len(r["rejected"]) == 12
+        assert set(r["chosen"]) <= set("bcdef") and set(r["rejected"]) <= set("ghijk")
+        assert len(r["chosen"]) == 6 and len(r["rejected"]) == 18
     with pytest.raises(ValueError, match="synthetic split"):
         synthetic_pairs("valid")
 
@@ -138,7 +139,7 @@ def test_collate_sft_and_truncation_errors():
     tok = build_offline_tokenizer()
     recs = synthetic_pairs("sft", n=3)
     sft = collate_sft(recs, tok, max_length=8, max_prompt_length=4)
-    assert sft["input_ids"].shape == (3, 8)  # "Q123:" keeps 4 tokens, response cut to 4
+    assert sft["input_ids"].shape == (3, 8)  # "Q123:" keeps 4 tokens, responses (>= 6 letters) cut to 4
     assert sft["response_mask"].sum(1).tolist() == [4, 4, 4]
     with pytest.raises(ValueError, match="max_prompt_length"):
         collate_pairs(recs, tok, max_length=4, max_prompt_length=4)
