@@ -1,7 +1,7 @@
 """Figure 2 benchmark: time per step and peak memory of AdamW, logits-SAM and full SAM on one model and batch.
 
     python experiments/efficiency.py --out figures/            # default: Pythia-shaped model on the CPU
-    python experiments/efficiency.py --model pythia-2.8b --device cuda --autocast bf16 --out runs/eff
+    python experiments/efficiency.py --model pythia-2.8b-shaped --device cuda --autocast bf16 --out runs/eff
 
 Each (variant, repetition) runs in a fresh Python subprocess (so peak memory is that variant's alone); the
 repetitions are interleaved (rep r runs every variant, in an order rotated by r) so drift in machine load hits
@@ -31,7 +31,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_VARIANTS = ("adamw", "logits-sam", "sam")
-GRAM_VARIANTS = ("logits-sam:dense", "logits-sam:gram")
 DEFAULT_MODEL = "pythia-shaped"
 # [ours] Pythia-70m's body (GPT-NeoX, d 512, 6 layers, 8 heads, MLP 2048) with a 2048-token vocabulary, so the
 # output layer's share of the parameters (4.9%) is close to Pythia-2.8B's 4.64% (experiments.md) while a step
@@ -52,6 +51,17 @@ PYTHIA_SHAPED = {
     "bos_token_id": 0,
     "eos_token_id": 0,
 }
+# Pythia-2.8B's shape (experiments.md: GPT-NeoX, vocab 50304, d 2560; 32 layers, 32 heads, MLP 10240 as in its
+# public config) with random weights, for a GPU run without hub access. Head share 4.64%.
+PYTHIA_28B_SHAPED = {
+    **PYTHIA_SHAPED,
+    "hidden_size": 2560,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "intermediate_size": 10240,
+    "vocab_size": 50304,
+}
+BUILTIN_CONFIGS = {DEFAULT_MODEL: PYTHIA_SHAPED, "pythia-2.8b-shaped": PYTHIA_28B_SHAPED}
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -88,19 +98,20 @@ def model_factory(spec: str, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(spec)
-    if spec == DEFAULT_MODEL or path.is_file():
-        cfg = dict(PYTHIA_SHAPED) if spec == DEFAULT_MODEL else json.loads(path.read_text())
+    if spec in BUILTIN_CONFIGS or path.is_file():
+        cfg = dict(BUILTIN_CONFIGS[spec]) if spec in BUILTIN_CONFIGS else json.loads(path.read_text())
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module now
 
-        def build():
+        def build(device):
             torch.manual_seed(seed)
-            return model_class(config)
+            with torch.device(device):  # initialise in place (a 2.8B model on the GPU directly)
+                return model_class(config)
 
         return build
     from dynamics.lm.models import load_model
 
-    return lambda: load_model(spec, seed=seed)[0]
+    return lambda device: load_model(spec, seed=seed)[0].to(device)
 
 
 def make_batch(n_pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: int, device) -> dict:
@@ -136,7 +147,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     factory = model_factory(args.model, args.seed)
     torch.zeros(8).sum()  # initialise the allocator before the baseline
     mem0 = _mem_now_and_reset()
-    model = factory().to(device)
+    model = factory(device)
     model.train()
     head = output_head(model)
     total = sum(p.numel() for p in model.parameters())
@@ -157,16 +168,17 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times, metrics = [], {}
+    times, cpu_times, metrics = [], [], {}
     for i in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = step(batch)
         if cuda:
             torch.cuda.synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _mem_peak() - mem0
     n_tokens = batch["input_ids"].numel()
     n_resp = int(batch["response_mask"][:, 1:].sum())
@@ -174,6 +186,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": args.worker,
         "step_times_s": times,
+        "cpu_times_s": cpu_times,
         "peak_mem_mb": peak,
         "head_share": head_share,
         "n_params": total,
@@ -185,6 +198,53 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "loss_clean": metrics.get("loss_clean"),
         "loss_perturbed": metrics.get("loss_perturbed"),
     }
+
+
+# (tokens N, vocab V, hidden d): this benchmark's head at three batch sizes, and a Pythia-2.8B-wide head (d 2560).
+GRAM_CASES = ((32, 2048, 512), (128, 2048, 512), (512, 2048, 512), (64, 8192, 2560), (256, 8192, 2560))
+
+
+def run_gram_micro(args: argparse.Namespace) -> dict[str, Any]:
+    """Time of the logits-SAM head work (perturbed logits forward + backward to h and W) by route, per case.
+
+    The rows of G_Z for the first quarter of the tokens are zero (prompt tokens), as in a preference batch.
+    Median over ``max(3, steps)`` interleaved repetitions after one warm-up of each route.
+    """
+    import torch
+
+    from dynamics.lm.perturb import choose_route, perturbed_head_logits
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for n, v, d in GRAM_CASES:
+        h = torch.randn(n, d, generator=gen).requires_grad_(True)
+        w = (0.02 * torch.randn(v, d, generator=gen)).requires_grad_(True)
+        g = torch.randn(n, v, generator=gen)
+        g[: n // 4] = 0.0
+        cot = torch.randn(n, v, generator=gen)
+        times: dict[str, list[float]] = {"dense": [], "gram": []}
+        for rep in range(1 + max(3, args.steps)):
+            for route in ("dense", "gram") if rep % 2 == 0 else ("gram", "dense"):
+                h.grad = w.grad = None
+                t0 = time.perf_counter()
+                z, _ = perturbed_head_logits(h, w, None, g, args.rho, route=route)
+                z.backward(cot)
+                if rep:
+                    times[route].append(time.perf_counter() - t0)
+        dense, gram = statistics.median(times["dense"]), statistics.median(times["gram"])
+        rows.append(
+            {
+                "tokens": n,
+                "vocab": v,
+                "hidden": d,
+                "dense_s": dense,
+                "gram_s": gram,
+                "gram/dense": gram / dense,
+                "auto_route": choose_route(n, n - n // 4, v, d),
+            }
+        )
+    return {"variant": "gram-micro", "cases": rows}
 
 
 # ---------------------------------------------------------------------------------------------- parent side
@@ -219,11 +279,19 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarize(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace, runs: dict[str, list[dict]], gram_micro: dict | None = None
+) -> dict[str, Any]:
     """The efficiency.json document from the runs measured so far (variant -> list of worker results)."""
 
     def med_time(v):
         return statistics.median(t for r in runs[v] for t in r["step_times_s"])
+
+    def med_cpu(v):
+        return statistics.median(t for r in runs[v] for t in r["cpu_times_s"])
+
+    def min_time(v):
+        return min(t for r in runs[v] for t in r["step_times_s"])
 
     def med_mem(v):
         return statistics.median(r["peak_mem_mb"] for r in runs[v])
@@ -232,6 +300,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict[str
     variants = {
         v: {
             "step_time_s": med_time(v),
+            "cpu_time_s": med_cpu(v),
+            "min_step_time_s": min_time(v),
             "peak_mem_mb": med_mem(v),
             "reps": len(runs[v]),
             "step_times_s": [t for r in runs[v] for t in r["step_times_s"]],
@@ -246,6 +316,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict[str
         if v in variants and "adamw" in variants:
             ratios[f"{v}/adamw"] = {
                 "time": variants[v]["step_time_s"] / variants["adamw"]["step_time_s"],
+                "cpu_time": variants[v]["cpu_time_s"] / variants["adamw"]["cpu_time_s"],
+                "min_time": variants[v]["min_step_time_s"] / variants["adamw"]["min_step_time_s"],
                 "memory": variants[v]["peak_mem_mb"] / variants["adamw"]["peak_mem_mb"],
             }
     head_share = first["head_share"]
@@ -285,18 +357,11 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict[str
             "logits-sam/adamw memory met": ratios["logits-sam/adamw"]["memory"] <= 1.05,
             "sam/adamw time (about 2)": ratios.get("sam/adamw", {}).get("time"),
         }
-    if all(v in runs for v in GRAM_VARIANTS):
-        dense, gram = med_time("logits-sam:dense"), med_time("logits-sam:gram")
+    if gram_micro is not None:
         doc["gram_vs_dense"] = {
-            "tokens": first["tokens"],
-            "hidden": first["hidden"],
-            "vocab": first["vocab"],
-            "auto_route": first["auto_route"],
-            "dense_step_time_s": dense,
-            "gram_step_time_s": gram,
-            "time_ratio_gram/dense": gram / dense,
-            "dense_peak_mem_mb": med_mem("logits-sam:dense"),
-            "gram_peak_mem_mb": med_mem("logits-sam:gram"),
+            "what": "logits-SAM head work (perturbed logits forward + backward), median seconds by route",
+            "full_step_route": variants.get("logits-sam", {}).get("route"),
+            "cases": gram_micro["cases"],
         }
     return doc
 
@@ -309,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="'pythia-shaped' (default), a preset of dynamics.lm.models, a config JSON with model_type, "
+        help="'pythia-shaped' (default), 'pythia-2.8b-shaped' (GPU), a preset of dynamics.lm.models, a config "
+        "JSON with model_type, "
         "or a local checkpoint directory",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -337,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads per subprocess (1: robust on a shared machine)",
     )
-    p.add_argument("--no-gram", action="store_true", help="skip the Gram-vs-dense logits-SAM comparison")
+    p.add_argument("--no-gram", action="store_true", help="skip the Gram-vs-dense head micro-benchmark")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -363,12 +429,12 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is available here")
-    if args.model != DEFAULT_MODEL and not Path(args.model).exists():
+    if args.model not in BUILTIN_CONFIGS and not Path(args.model).exists():
         from dynamics.lm.models import PRESETS
 
         if args.model not in PRESETS:
             p.error(
-                f"--model {args.model!r}: not 'pythia-shaped', a preset ({', '.join(PRESETS)}), a config JSON "
+                f"--model {args.model!r}: not {' or '.join(BUILTIN_CONFIGS)}, a preset ({', '.join(PRESETS)}), a config JSON "
                 "or a checkpoint directory"
             )
     if Path(args.model).is_file():
@@ -383,12 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        print(json.dumps(run_gram_micro(args) if args.worker == "gram-micro" else run_worker(args)))
         return 0
     validate(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = list(MAIN_VARIANTS) + ([] if args.no_gram else list(GRAM_VARIANTS))
+    variants = list(MAIN_VARIANTS)
     runs: dict[str, list[dict]] = {}
     doc: dict[str, Any] = {}
     for rep in range(args.reps):
@@ -406,18 +472,28 @@ def main(argv: list[str] | None = None) -> int:
             )
         doc = summarize(args, runs)
         (out / "efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if not args.no_gram:
+        try:
+            gram_micro = run_variant(args, "gram-micro")
+        except RuntimeError as err:
+            parser.exit(1, f"efficiency.py: {err}\n")
+        doc = summarize(args, runs, gram_micro)
+        (out / "efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
     sys.path.insert(0, str(ROOT))
     from figures.figure2 import plot_efficiency
 
     plot_efficiency(doc, out / "figure2.png")
     for name, r in doc["ratios"].items():
-        print(f"{name}: time {r['time']:.3f}, memory {r['memory']:.3f}")
+        print(
+            f"{name}: time {r['time']:.3f} (median wall), {r['cpu_time']:.3f} (median CPU), {r['min_time']:.3f} "
+            f"(min wall); memory {r['memory']:.3f}"
+        )
     if "targets" in doc:
         print(json.dumps(doc["targets"]))
-    if "gram_vs_dense" in doc:
-        g = doc["gram_vs_dense"]
+    for c in doc.get("gram_vs_dense", {}).get("cases", []):
         print(
-            f"gram/dense logits-SAM step time: {g['time_ratio_gram/dense']:.3f} (auto route: {g['auto_route']})"
+            f"head work N={c['tokens']} V={c['vocab']} d={c['hidden']}: dense {c['dense_s'] * 1e3:.1f} ms, "
+            f"gram {c['gram_s'] * 1e3:.1f} ms (gram/dense {c['gram/dense']:.2f}, auto picks {c['auto_route']})"
         )
     print(f"wrote {out / 'efficiency.json'} and {out / 'figure2.png'}")
     return 0

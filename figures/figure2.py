@@ -47,16 +47,16 @@ def plot_efficiency(data: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_ylim(0, max(vals) * 1.3)
     if gram:
         ax = axes[2]
-        names = ["dense", "gram"]
-        vals = [gram["dense_step_time_s"], gram["gram_step_time_s"]]
-        bars = ax.bar(names, vals, color=["#8172b3", "#937860"])
-        for bar, val in zip(bars, vals, strict=True):
-            ax.annotate(
-                f"{val:.3g}", (bar.get_x() + bar.get_width() / 2, val), ha="center", va="bottom", fontsize=8
-            )
-        ax.set_ylabel("logits-SAM time per step (s)")
-        ax.set_title(f"route, N={gram['tokens']} tokens, d={gram['hidden']}", fontsize=9)
-        ax.set_ylim(0, max(vals) * 1.3)
+        cases = gram["cases"]
+        labels = [f"N={c['tokens']}\nd={c['hidden']}" for c in cases]
+        x = range(len(cases))
+        ax.bar([i - 0.2 for i in x], [1e3 * c["dense_s"] for c in cases], 0.4, label="dense", color="#8172b3")
+        ax.bar([i + 0.2 for i in x], [1e3 * c["gram_s"] for c in cases], 0.4, label="Gram", color="#937860")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("logits-SAM head work (ms)")
+        ax.set_title("Gram vs dense route", fontsize=9)
+        ax.legend(fontsize=8)
     cfg = data.get("config", {})
     fig.suptitle(
         f"{cfg.get('model', 'model')}: head share {100 * data['head_share']:.2f}%, "
