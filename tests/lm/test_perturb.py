@@ -332,3 +332,64 @@ def test_user_errors_raise_value_error(make_lm, make_batch):
         perturbed_head_logits(
             torch.zeros(3, HIDDEN), torch.zeros(VOCAB, HIDDEN + 1), None, torch.zeros(3, VOCAB), 0.1
         )
+
+
+def _ddp_rank(rank, world, port, norm, model, batches, queue):
+    """One replica (forked): logits-SAM loss on its own batch under torch.distributed (gloo)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # no OpenMP parallel region in a forked child
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = logits_sam_loss(model, batches[rank], PreferenceObjective("sigmoid", beta=0.5), 0.3, norm=norm)
+        queue.put((rank, float(out.loss.detach()), float(out.metrics["perturbation_norm"])))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_distributed_local_and_global_norm(make_lm, make_batch):
+    """norm="local": each replica perturbs with its own G_W (= single-process logits-SAM on its batch);
+    norm="global": with ε = ρ ΣG_W/‖ΣG_W‖ over replicas (= one big batch). Two gloo ranks, float64."""
+    import multiprocessing
+    import socket
+
+    model = make_lm("gpt-neox", dtype=torch.float64)
+    batches = [make_batch(seed=21), make_batch(seed=22)]
+    loss_fn = PreferenceObjective("sigmoid", beta=0.5)
+    # expectations in this process
+    local = [float(logits_sam_loss(model, b, loss_fn, 0.3).loss.detach()) for b in batches]
+    weight = model.get_output_embeddings().weight
+    grad_w = [
+        torch.autograd.grad(plain_loss(model, b, loss_fn).loss, weight)[0] for b in batches
+    ]  # G_Zᵀh each
+    total = grad_w[0] + grad_w[1]
+    eps = 0.3 * total / torch.linalg.vector_norm(total)
+    with torch.no_grad():
+        hidden = [
+            model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0] for b in batches
+        ]
+        glob = [float(loss_fn(F.linear(h, weight + eps), b)[0]) for h, b in zip(hidden, batches, strict=True)]
+    ctx = multiprocessing.get_context("fork")
+    results = {}
+    for norm in ("local", "global"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_ddp_rank, args=(r, 2, port, norm, model, batches, queue)) for r in range(2)
+        ]
+        for p in procs:
+            p.start()
+        got = dict((r, (loss, gn)) for r, loss, gn in (queue.get(timeout=120) for _ in procs))
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        results[norm] = got
+    for r in range(2):  # float64 round-off only (1e-12); local and global differ by far more (checked)
+        assert results["local"][r][0] == pytest.approx(local[r], abs=1e-12)
+        assert results["local"][r][1] == pytest.approx(float(torch.linalg.vector_norm(grad_w[r])), rel=1e-12)
+        assert results["global"][r][0] == pytest.approx(glob[r], abs=1e-12)
+        assert results["global"][r][1] == pytest.approx(float(torch.linalg.vector_norm(total)), rel=1e-12)
+        assert abs(local[r] - glob[r]) > 1e-6
