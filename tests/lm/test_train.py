@@ -1,0 +1,196 @@
+"""The training loop (dynamics.lm.train): rows, resume after kill -9, NaN guard, ρ = 0 [ours]."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynamics.lm.train as train_mod
+from dynamics.lm.models import build_offline_tokenizer, build_tiny_model
+from dynamics.lm.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    batch_indices,
+    load_checkpoint,
+    resolve_config,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = (
+    "step",
+    "split",
+    "optimizer",
+    "rho",
+    "logp_chosen",
+    "logp_rejected",
+    "logp_max_conf",
+    "loss",
+    "margin",
+    "accuracy",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 1-layer, width-32 GPT-2 saved as a local model directory (fast to train on CPU)."""
+    path = tmp_path_factory.mktemp("tiny")
+    build_tiny_model("gpt2", n_embd=32, n_layer=1).save_pretrained(path)
+    build_offline_tokenizer().save_pretrained(path)
+    return path
+
+
+def _cfg(tiny_dir, out, **kw):
+    base = dict(
+        model=str(tiny_dir),
+        dataset="synthetic",
+        n_train=32,
+        n_probe=4,
+        sft_steps=0,
+        batch_size=4,
+        steps=4,
+        eval_every=2,
+        max_length=32,
+        max_prompt_length=8,
+        out=str(out),
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_resolve_config_validates():
+    assert resolve_config(TrainConfig()).lr == 1e-4  # filled from the tiny-gpt2 preset
+    for bad, match in (
+        (dict(optimizer="sgd"), "optimizer"),
+        (dict(batch_size=6, grad_accum=4), "divisible"),
+        (dict(lr=-1.0), "lr"),
+        (dict(rho=float("nan")), "rho"),
+        (dict(steps=0), "steps"),
+        (dict(loss="nope"), "loss"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            resolve_config(TrainConfig(**bad))
+
+
+def test_batch_indices_are_epoch_permutations():
+    n, b = 10, 4
+    seen = [i for step in range(1, 6) for i in batch_indices(step, b, n, seed=3)]  # 20 draws = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert batch_indices(3, b, n, seed=3) == batch_indices(3, b, n, seed=3)
+    assert batch_indices(1, b, n, seed=3) != batch_indices(1, b, n, seed=4)
+
+
+def test_run_writes_every_step_once_and_probes(tiny_dir, tmp_path):
+    out = train(
+        _cfg(tiny_dir, tmp_path / "run", optimizer="logits-sam", rho=0.05, sft_steps=3, checkpoint_every=2)
+    )
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    for split in ("heldout", "train_probe"):
+        assert [r["step"] for r in rows if r["split"] == split] == [0, 2, 4]
+    for r in rows:
+        assert all(k in r for k in FIELDS) and r["optimizer"] == "logits-sam" and r["rho"] == 0.05
+    step0 = [r for r in rows if r["step"] == 0]
+    assert all(abs(r["margin"]) < 1e-6 for r in step0)  # policy = reference at step 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == "logits-sam" and config["world_size"] == 1
+    assert (out / "sft" / "DONE").is_file() and load_checkpoint(out / "checkpoint")["step"] == 4
+    with pytest.raises(ValueError, match="--resume"):
+        train(_cfg(tiny_dir, tmp_path / "run"))  # never overwrite a run's metrics silently
+
+
+def test_rho_zero_logits_sam_reproduces_adamw(tiny_dir, tmp_path):
+    plain = _rows(train(_cfg(tiny_dir, tmp_path / "a", optimizer="adamw")) / "metrics.jsonl")
+    zero = _rows(train(_cfg(tiny_dir, tmp_path / "b", optimizer="logits-sam", rho=0.0)) / "metrics.jsonl")
+    strip = ("optimizer", "rho", "loss_perturbed")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in plain] == [
+        {k: v for k, v in r.items() if k not in strip} for r in zero
+    ]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.PreferenceObjective
+
+    class NanAfterTwoSteps(real):
+        def __call__(self, logits, batch):
+            calls["n"] += 1
+            if calls["n"] > 2:  # adamw: one loss call per step, so step 3 diverges
+                logits = logits * float("nan")
+            return super().__call__(logits, batch)
+
+    monkeypatch.setattr(train_mod, "PreferenceObjective", NanAfterTwoSteps)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="step 3") as info:
+        train(_cfg(tiny_dir, out, optimizer="adamw", steps=6, checkpoint_every=1))
+    assert "last good checkpoint" in str(info.value)
+    state = load_checkpoint(out / "checkpoint")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert max(r["step"] for r in _rows(out / "metrics.jsonl")) == 2
+
+
+def _cli(tiny_dir, out, *extra):
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / "squeezing.py"),
+        *("--model", str(tiny_dir), "--dataset", "synthetic", "--optimizer", "logits-sam", "--rho", "0.05"),
+        *(
+            "--sft-steps",
+            "0",
+            "--steps",
+            "12",
+            "--eval-every",
+            "3",
+            "--checkpoint-every",
+            "2",
+            "--batch-size",
+            "4",
+        ),
+        *("--n-train", "32", "--n-probe", "4", "--max-length", "32", "--max-prompt-length", "8"),
+        *("--out", str(out), "--no-progress", *extra),
+    ]
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(
+        _cli(tiny_dir, tmp_path / "full"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    metrics = tmp_path / "killed" / "logits-sam-rho0.05" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        _cli(tiny_dir, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 7
+        ):  # step 3 written, a checkpoint at step 2
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("the run finished before it could be killed: make it longer")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _rows(metrics)
+    assert max(r["step"] for r in partial) < 12  # it really was interrupted
+    resumed = subprocess.run(
+        _cli(tiny_dir, tmp_path / "killed", "--resume"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = _rows(metrics)
+    want = _rows(tmp_path / "full" / "logits-sam-rho0.05" / "metrics.jsonl")
+    steps = [(r["step"], r["split"]) for r in got]
+    assert len(steps) == len(set(steps))  # every (step, split) exactly once
+    assert got == want  # CPU, same seed: bit-identical floats after the resume
