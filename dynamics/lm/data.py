@@ -19,7 +19,6 @@ rows [0, B) the chosen sequences, rows [B, 2B) the rejected ones, right-padded.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -153,13 +152,16 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 def _hub_rows(name: str, split: str) -> list[dict[str, Any]]:
     """Rows of the hub data set `name` (split `split`); DataUnavailableError when it cannot be reached."""
+    from huggingface_hub import constants
+
     from dynamics.lm.models import _hub_reachable
 
-    offline = not _hub_reachable()
-    if offline and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+    # Offline mode is only honoured by `datasets` when set before import (constants are read then); with the
+    # hub unreachable and no offline mode, `datasets` would retry for ~20 s before failing: fail now.
+    if not constants.HF_HUB_OFFLINE and not _hub_reachable():
         raise DataUnavailableError(
             f"data set {name!r} ({HUB_IDS[name]}) needs the hub, which is unreachable: pass a local file in its "
-            f"raw schema (--data-file PATH.jsonl|.parquet), or set HF_HUB_OFFLINE=1 to read the datasets cache"
+            f"raw schema (--data-file PATH.jsonl|.parquet), or start with HF_HUB_OFFLINE=1 to read the datasets cache"
         )
     import datasets
 

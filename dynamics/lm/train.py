@@ -328,7 +328,9 @@ def _probe_batches(
 
 
 def _curvature_extra(cfg: TrainConfig):
-    """The `--curvature-probe` hook: means of `dynamics.lm.curvature.summarize_curvature` on a probe set."""
+    """The `--curvature-probe` hook: per-token curvature means (`dynamics.lm.curvature`: tr H_z, μ = ‖h‖²,
+    the head's Hessian trace μ·tr H_z (S1), the top-mode share of the residual (S4)) over the chosen
+    responses of a probe set, as `curv_*` fields of the probe rows."""
     if not cfg.curvature_probe:
         return None
     try:
@@ -338,19 +340,23 @@ def _curvature_extra(cfg: TrainConfig):
             f"--curvature-probe needs dynamics.lm.curvature, which is not available: {err}"
         ) from None
 
-    @torch.no_grad()
     def extra(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict:
+        """Token-weighted means over the probe set of `summarize_curvature`, on the chosen rows."""
         device = next(model.parameters()).device
-        sums: dict[str, float] = {}
-        count = 0
+        totals: dict[str, float] = {}
+        tokens = 0.0
         for batch in batches:
             b = _to_device(batch, device)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            stats = curvature.summarize_curvature(logits, b["response_mask"])
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value, dtype=torch.float64).mean())
-            count += 1
-        return {f"curv_{k}": v / max(count, 1) for k, v in sums.items()}
+            half = b["input_ids"].shape[0] // 2
+            stats, _ = curvature.model_token_curvature(
+                model, b["input_ids"][:half], b["attention_mask"][:half], b["response_mask"][:half]
+            )
+            summary = curvature.summarize_curvature(stats)
+            n = summary.pop("n_tokens")
+            for key, value in summary.items():
+                totals[key] = totals.get(key, 0.0) + value * n
+            tokens += n
+        return {f"curv_{k}": v / max(tokens, 1.0) for k, v in totals.items()}
 
     return extra
 
@@ -402,10 +408,9 @@ def train(cfg: TrainConfig) -> Path:
                 f"{metrics_path} exists: pass --resume to continue that run, or choose another --out"
             )
     seed_everything(cfg.seed)
-    records = load_records(cfg)
-
-    model, tokenizer = load_model(cfg.init_from or cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.init_from or cfg.model, seed=cfg.seed)  # fails fast without weights
     model.to(device)
+    records = load_records(cfg)
     if cfg.init_from is None and cfg.sft_steps:
         model = _sft_into(model, tokenizer, records["sft"], cfg, out, device, main)
     accelerator.wait_for_everyone()
@@ -545,8 +550,8 @@ def sft_stage(cfg: TrainConfig) -> Path:
     accelerator = _accelerator(cfg)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    records = load_records(dataclasses.replace(cfg, init_from=None))
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    records = load_records(dataclasses.replace(cfg, init_from=None))
     model.to(accelerator.device)
     _sft_into(model, tokenizer, records["sft"], cfg, out, accelerator.device, accelerator.is_main_process)
     accelerator.wait_for_everyone()

@@ -194,3 +194,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     steps = [(r["step"], r["split"]) for r in got]
     assert len(steps) == len(set(steps))  # every (step, split) exactly once
     assert got == want  # CPU, same seed: bit-identical floats after the resume
+
+
+def test_curvature_probe_adds_fields(tiny_dir, tmp_path):
+    out = train(_cfg(tiny_dir, tmp_path / "curv", steps=2, curvature_probe=True))
+    probe = [r for r in _rows(out / "metrics.jsonl") if r["split"] == "heldout"]
+    assert [r["step"] for r in probe] == [0, 2]
+    for r in probe:
+        assert 0.0 < r["curv_trace_hz"] < 1.0  # tr H_z = 1 − ‖p‖² lies in (0, 1)
+        assert r["curv_head_trace"] > 0 and 0.0 <= r["curv_top_modal_share"] <= 1.0

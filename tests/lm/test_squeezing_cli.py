@@ -1,0 +1,83 @@
+"""experiments/squeezing.py: flags, one-line errors, the shared SFT start, the offline default (slow) [ours]."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamics.lm.models import build_offline_tokenizer, build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("squeezing_cli", ROOT / "experiments" / "squeezing.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--optimizer", "sgd"], "invalid choice"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--batch-size", "6", "--grad-accum", "4"], "divisible"),
+        (["--dataset", "tldr", "--data-file", "/nonexistent.jsonl"], "does not exist"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_real_preset_offline_fails_fast(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", "pythia-2.8b", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert info.value.code == 2 and time.perf_counter() - start < 10
+    assert "local directory" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_two_optimizers_share_one_sft_start(tmp_path):
+    model_dir = tmp_path / "tiny"
+    build_tiny_model("gpt2", n_embd=32, n_layer=1).save_pretrained(model_dir)
+    build_offline_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "runs"
+    argv = ["--model", str(model_dir), "--dataset", "synthetic", "--sft-steps", "4", "--steps", "2"]
+    argv += ["--eval-every", "1", "--batch-size", "4", "--n-train", "16", "--n-probe", "4", "--rho", "0.05"]
+    argv += ["--max-length", "32", "--max-prompt-length", "8", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert (out / "sft" / "DONE").is_file()
+    gd, sam = _rows(out / "adamw" / "metrics.jsonl"), _rows(out / "logits-sam-rho0.05" / "metrics.jsonl")
+    strip = ("optimizer", "rho")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in gd if r["step"] == 0] == [
+        {k: v for k, v in r.items() if k not in strip} for r in sam if r["step"] == 0
+    ]  # the same SFT model, so the same step-0 probes
+    assert gd[-1] != sam[-1]
+    config = json.loads((out / "adamw" / "config.json").read_text())
+    assert config["init_from"] == str(out / "sft") and config["sft_steps"] == 0
+
+
+@pytest.mark.slow
+def test_offline_default_run(tmp_path):
+    """The no-argument run (tiny GPT-2, synthetic task), as committed under figures/runs/. Asserts what the
+    committed runs show (see the README): under AdamW max_conf rises over the first steps; logits-SAM ends
+    with a higher chosen log-prob than AdamW and a smaller max_conf gain."""
+    assert cli.main(["--out", str(tmp_path), "--eval-every", "2", "--no-progress"]) == 0
+    gd = [r for r in _rows(tmp_path / "adamw" / "metrics.jsonl") if r["split"] == "heldout"]
+    sam = [r for r in _rows(tmp_path / "logits-sam-rho0.1" / "metrics.jsonl") if r["split"] == "heldout"]
+    assert gd[0]["logp_chosen"] == sam[0]["logp_chosen"]
+    assert gd[4]["logp_max_conf"] > gd[0]["logp_max_conf"]
+    assert sam[-1]["logp_chosen"] > gd[-1]["logp_chosen"]
+    assert (
+        sam[-1]["logp_max_conf"] - sam[0]["logp_max_conf"] < gd[-1]["logp_max_conf"] - gd[0]["logp_max_conf"]
+    )
