@@ -133,71 +133,111 @@ def make_batch(n_pairs: int, seq_len: int, prompt_len: int, vocab: int, seed: in
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One variant in this process: build, warm up, time ``args.steps`` steps; return times and peak memory."""
+def _setup_variant(args: argparse.Namespace, variant: str, factory, device):
+    """(model, PreferenceStep, batch) for one variant ("adamw", "logits-sam", "sam", "logits-sam:dense", ...)."""
     import torch
 
     from dynamics.lm.losses import PreferenceObjective
-    from dynamics.lm.perturb import PreferenceStep, choose_route, output_head
+    from dynamics.lm.perturb import PreferenceStep, output_head
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    method, _, route = args.worker.partition(":")
-    factory = model_factory(args.model, args.seed)
-    torch.zeros(8).sum()  # initialise the allocator before the baseline
-    mem0 = _mem_now_and_reset()
+    method, _, route = variant.partition(":")
     model = factory(device)
     model.train()
-    head = output_head(model)
-    total = sum(p.numel() for p in model.parameters())
-    head_share = head.weight.numel() / total
-    batch = make_batch(
-        args.batch_pairs, args.seq_len, args.prompt_len, head.weight.shape[0], args.seed, device
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    autocast = torch.bfloat16 if args.autocast == "bf16" else None
+    vocab = output_head(model).weight.shape[0]
+    batch = make_batch(args.batch_pairs, args.seq_len, args.prompt_len, vocab, args.seed, device)
     step = PreferenceStep(
         model,
-        opt,
+        torch.optim.AdamW(model.parameters(), lr=1e-6),
         PreferenceObjective(args.loss, beta=0.1),
         method,
         args.rho,
         route=route or "auto",
-        autocast_dtype=autocast,
+        autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None,
     )
+    return model, step, batch
+
+
+def _timed(step, batch, cuda: bool, device) -> tuple[float, float, dict]:
+    """(wall seconds, process CPU seconds, metrics) of one step."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    metrics = step(batch)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0, metrics
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant in this fresh process: build, warm up, time ``args.steps`` steps; times and peak memory."""
+    import torch
+
+    from dynamics.lm.perturb import choose_route, output_head
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    factory = model_factory(args.model, args.seed)
+    torch.zeros(8).sum()  # initialise the allocator before the baseline
+    mem0 = _mem_now_and_reset()
+    model, step, batch = _setup_variant(args, args.worker, factory, device)
+    head = output_head(model)
+    total = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times, metrics = [], [], {}
     for i in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        metrics = step(batch)
-        if cuda:
-            torch.cuda.synchronize(device)
+        wall, cpu, metrics = _timed(step, batch, cuda, device)
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
+            times.append(wall)
+            cpu_times.append(cpu)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _mem_peak() - mem0
     n_tokens = batch["input_ids"].numel()
     n_resp = int(batch["response_mask"][:, 1:].sum())
-    d = head.weight.shape[1]
+    v, d = head.weight.shape
     return {
         "variant": args.worker,
         "step_times_s": times,
         "cpu_times_s": cpu_times,
         "peak_mem_mb": peak,
-        "head_share": head_share,
+        "head_share": head.weight.numel() / total,
         "n_params": total,
         "hidden": d,
-        "vocab": head.weight.shape[0],
+        "vocab": v,
         "tokens": n_tokens,
-        "auto_route": choose_route(n_tokens, n_resp, head.weight.shape[0], d),
+        "auto_route": choose_route(n_tokens, n_resp, v, d),
         "route_used": {0.0: "none", 1.0: "dense", 2.0: "gram"}.get(metrics.get("route", 0.0), "none"),
-        "loss_clean": metrics.get("loss_clean"),
-        "loss_perturbed": metrics.get("loss_perturbed"),
     }
+
+
+def run_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """All main variants in one process, each with its own identically initialised model; ``args.reps``
+    rounds, each running one step of every variant in an order rotated by the round (step-level interleaving,
+    so load changes on a shared machine hit every variant alike). Returns the per-variant step times."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    factory = model_factory(args.model, args.seed)
+    setups = {v: _setup_variant(args, v, factory, device) for v in MAIN_VARIANTS}
+    for _ in range(max(args.warmup, 1)):
+        for _model, step, batch in setups.values():
+            step(batch)
+    times: dict[str, dict[str, list[float]]] = {
+        v: {"step_times_s": [], "cpu_times_s": []} for v in MAIN_VARIANTS
+    }
+    order = list(MAIN_VARIANTS)
+    for r in range(args.reps):
+        k = r % len(order)
+        for v in order[k:] + order[:k]:
+            _model, step, batch = setups[v]
+            wall, cpu, _ = _timed(step, batch, cuda, device)
+            times[v]["step_times_s"].append(wall)
+            times[v]["cpu_times_s"].append(cpu)
+    return {"variant": "timing", "times": times}
 
 
 # (tokens N, vocab V, hidden d): this benchmark's head at three batch sizes, and a Pythia-2.8B-wide head (d 2560).
@@ -257,6 +297,7 @@ def _worker_argv(args: argparse.Namespace, variant: str) -> list[str]:
         "seq_len",
         "prompt_len",
         "steps",
+        "reps",
         "warmup",
         "rho",
         "loss",
@@ -280,18 +321,27 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
 
 def summarize(
-    args: argparse.Namespace, runs: dict[str, list[dict]], gram_micro: dict | None = None
+    args: argparse.Namespace,
+    runs: dict[str, list[dict]],
+    gram_micro: dict | None = None,
+    timing: dict | None = None,
 ) -> dict[str, Any]:
-    """The efficiency.json document from the runs measured so far (variant -> list of worker results)."""
+    """The efficiency.json document from what was measured so far: ``runs`` (variant -> fresh-process results,
+    memory and per-process times), optional ``timing`` (the interleaved timing process) and ``gram_micro``."""
+
+    def samples(v, key):
+        if timing is not None:
+            return timing["times"][v][key]
+        return [t for r in runs[v] for t in r[key]]
 
     def med_time(v):
-        return statistics.median(t for r in runs[v] for t in r["step_times_s"])
+        return statistics.median(samples(v, "step_times_s"))
 
     def med_cpu(v):
-        return statistics.median(t for r in runs[v] for t in r["cpu_times_s"])
+        return statistics.median(samples(v, "cpu_times_s"))
 
     def min_time(v):
-        return min(t for r in runs[v] for t in r["step_times_s"])
+        return min(samples(v, "step_times_s"))
 
     def med_mem(v):
         return statistics.median(r["peak_mem_mb"] for r in runs[v])
@@ -304,7 +354,7 @@ def summarize(
             "min_step_time_s": min_time(v),
             "peak_mem_mb": med_mem(v),
             "reps": len(runs[v]),
-            "step_times_s": [t for r in runs[v] for t in r["step_times_s"]],
+            "step_times_s": samples(v, "step_times_s"),
             "peak_mem_mb_per_rep": [r["peak_mem_mb"] for r in runs[v]],
             "route": runs[v][-1]["route_used"],
         }
@@ -344,6 +394,7 @@ def summarize(
             "memory_measure": "torch.cuda.max_memory_allocated"
             if args.device.startswith("cuda")
             else "growth of VmHWM (resident-set high-water mark) from before the model is built",
+            "timing": args.timing,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
         "variants": variants,
@@ -388,9 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-len", type=int, default=16, help="prompt tokens per sequence (the rest is response)"
     )
     p.add_argument(
-        "--reps", type=int, default=3, help="interleaved repetitions (one subprocess per variant each)"
+        "--reps",
+        type=int,
+        default=12,
+        help="interleaved timing: rounds of one step per variant; per-process timing: fresh processes per variant",
     )
-    p.add_argument("--steps", type=int, default=3, help="timed steps per subprocess")
+    p.add_argument(
+        "--timing",
+        choices=["interleaved", "per-process"],
+        default=None,
+        help="interleaved (default on CPU): one process alternates the variants step by step, robust to a "
+        "shared machine; per-process (default on CUDA): the times of the fresh memory processes",
+    )
+    p.add_argument("--steps", type=int, default=2, help="timed steps per fresh (memory) process")
     p.add_argument(
         "--warmup", type=int, default=1, help="untimed steps per subprocess (allocate optimizer state)"
     )
@@ -449,36 +510,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_gram_micro(args) if args.worker == "gram-micro" else run_worker(args)))
+        workers = {"gram-micro": run_gram_micro, "timing": run_timing}
+        print(json.dumps(workers.get(args.worker, run_worker)(args)))
         return 0
     validate(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.timing is None:
+        args.timing = "per-process" if args.device.startswith("cuda") else "interleaved"
     variants = list(MAIN_VARIANTS)
     runs: dict[str, list[dict]] = {}
-    doc: dict[str, Any] = {}
-    for rep in range(args.reps):
-        k = rep % len(variants)
-        for variant in variants[k:] + variants[:k]:  # rotate the order each repetition
-            try:
-                result = run_variant(args, variant)
-            except RuntimeError as err:
-                parser.exit(1, f"efficiency.py: {err}\n")
-            runs.setdefault(variant, []).append(result)
-            print(
-                f"rep {rep + 1}/{args.reps} {variant:18s} step {statistics.median(result['step_times_s']):.4f} s  "
-                f"peak {result['peak_mem_mb']:.1f} MB",
-                flush=True,
-            )
-        doc = summarize(args, runs)
-        (out / "efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
-    if not args.no_gram:
+    timing = gram_micro = None
+
+    def measure(variant: str) -> dict:
         try:
-            gram_micro = run_variant(args, "gram-micro")
+            return run_variant(args, variant)
         except RuntimeError as err:
             parser.exit(1, f"efficiency.py: {err}\n")
-        doc = summarize(args, runs, gram_micro)
+
+    def save() -> dict:
+        doc = summarize(args, runs, gram_micro, timing)
         (out / "efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
+        return doc
+
+    process_reps = args.reps if args.timing == "per-process" else 1
+    for rep in range(process_reps):
+        k = rep % len(variants)
+        for variant in variants[k:] + variants[:k]:  # rotate the order each repetition
+            result = measure(variant)
+            runs.setdefault(variant, []).append(result)
+            print(
+                f"fresh process {rep + 1}/{process_reps} {variant:11s} step "
+                f"{statistics.median(result['step_times_s']):.4f} s  peak {result['peak_mem_mb']:.1f} MB",
+                flush=True,
+            )
+        doc = save()
+    if args.timing == "interleaved":
+        timing = measure("timing")
+        doc = save()
+        print(f"interleaved timing: {args.reps} rounds of {', '.join(variants)}", flush=True)
+    if not args.no_gram:
+        gram_micro = measure("gram-micro")
+        doc = save()
     sys.path.insert(0, str(ROOT))
     from figures.figure2 import plot_efficiency
 

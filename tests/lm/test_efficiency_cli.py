@@ -66,6 +66,8 @@ def test_benchmark_writes_schema_and_figure(tmp_path):
             doc["variants"][r.split("/")[0]]["step_time_s"] / doc["variants"]["adamw"]["step_time_s"]
         )
     assert doc["variants"]["logits-sam"]["route"] in ("dense", "gram")
+    assert doc["config"]["timing"] == "interleaved"  # the CPU default: step-level interleaving in one process
+    assert all(len(doc["variants"][v]["step_times_s"]) == 1 for v in ("adamw", "logits-sam", "sam"))
 
 
 def test_figure2_is_a_pure_function_of_the_json(tmp_path):
