@@ -1,10 +1,17 @@
-"""Figure 1 of the paper: (a) modal coefficients and (b) class residuals of the logit-space toy; (c)–(d) later.
+"""Figure 1 of the paper: (a) modal coefficients and (b) class residuals of the logit-space toy; (c)–(d) LM runs.
 
     python figures/figure1.py --panels a b --out DIR
 
 writes DIR/figure1a.png, DIR/figure1b.png and DIR/figure1_toy.json (the data drawn). Default DIR is the folder
 of this script (``figures/``). No math here: the runs come from ``dynamics.toy``. Deterministic: two runs give
-byte-identical files. Panels c and d (LM runs) are drawn by ``draw_panel_c`` / ``draw_panel_d`` once available.
+byte-identical files.
+
+    python figures/figure1.py --panels c d [--runs RUN_DIR ...] [--lm-split heldout|train_probe|train]
+
+draws DIR/figure1c.png and DIR/figure1d.png: chosen, rejected and max_conf log-probs over steps, one line per run
+(optimizer and ρ), from runs saved by experiments/squeezing.py. A panel uses the given runs on its paper's data
+set (c: WebGPT, d: TL;DR); without them it draws the given runs, or the committed offline default runs in
+figures/runs/, and its title says which model and data the curves come from.
 """
 
 from __future__ import annotations
@@ -142,16 +149,98 @@ def draw_panel_b(ctx: FigureContext) -> list[Path]:
     return [_save(fig, ctx.out / "figure1b.png")]
 
 
+# ---------------------------------------------------------------------------------- panels (c)–(d): LM runs
+DEFAULT_RUNS = DEFAULT_OUT / "runs"
+LM_PANELS = {  # panel -> (data set of the paper's run, what the paper ran)
+    "c": ("webgpt", "GPT-2 on WebGPT Comparisons"),
+    "d": ("tldr", "Pythia-2.8B on TL;DR"),
+}
+LM_METRICS = (
+    ("logp_chosen", r"chosen: $\log \pi(y^+\mid x)$"),
+    ("logp_rejected", r"rejected: $\log \pi(y^-\mid x)$"),
+    ("logp_max_conf", r"max_conf: $\sum_t \max_v \log \pi(v \mid x, y^+_{<t})$"),
+)
+LM_COLORS = {"adamw": "#000000", "logits-sam": "#D55E00", "sam": "#0072B2"}
+LM_STYLES = {"adamw": "-", "logits-sam": "--", "sam": "-."}
+
+
+def read_lm_run(run_dir: Path) -> dict:
+    """A saved squeezing run: {"dir", "config" (config.json), "rows" (metrics.jsonl)}; ValueError if absent."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.json").is_file():
+        raise ValueError(f"--runs: {run_dir} is not a squeezing run (needs metrics.jsonl and config.json)")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"dir": run_dir, "config": json.loads((run_dir / "config.json").read_text()), "rows": rows}
+
+
+def lm_runs_for_panel(ctx: FigureContext, panel: str) -> tuple[list[dict], bool]:
+    """(runs to draw in `panel`, whether they are the paper's model/data). Runs given with --runs whose data
+    set matches the panel are used; otherwise all given runs (or the committed offline default runs under
+    figures/runs/) stand in, and the title says so."""
+    dirs = ctx.args.runs or sorted(p.parent for p in DEFAULT_RUNS.glob("*/metrics.jsonl"))
+    if not dirs:
+        raise ValueError(f"no runs given and none under {DEFAULT_RUNS}: run experiments/squeezing.py first")
+    runs = [read_lm_run(d) for d in dirs]
+    matching = [r for r in runs if r["config"].get("dataset") == LM_PANELS[panel][0]]
+    return (matching, True) if matching else (runs, False)
+
+
+def lm_label(run: dict) -> str:
+    """Legend text of one run: optimizer and ρ."""
+    cfg = run["config"]
+    if cfg["optimizer"] == "adamw":
+        return "AdamW (GD)"
+    name = {"logits-sam": "logits-SAM", "sam": "full SAM"}[cfg["optimizer"]]
+    return f"{name}, ρ = {cfg['rho']:g}"
+
+
+def lm_source(runs: Sequence[dict]) -> str:
+    """Which model and data the curves come from, from the runs' config.json."""
+    sources = []
+    for run in runs:
+        cfg = run["config"]
+        model = cfg["model"]
+        if model in ("tiny-gpt2", "tiny-pythia"):
+            model += " (tiny random-init model, SFT'd here)"
+        sources.append(f"{model} on {cfg['dataset']} data")
+    return "; ".join(dict.fromkeys(sources))
+
+
+def draw_lm_panel(ctx: FigureContext, panel: str) -> list[Path]:
+    """Panel (c) or (d): chosen, rejected and max_conf log-probs (means over the probe set) over steps."""
+    runs, paper = lm_runs_for_panel(ctx, panel)
+    split = ctx.args.lm_split
+    title = f"({panel}) {lm_source(runs)}, probe set '{split}'"
+    if not paper:
+        title += f"\n(stand-in: no run of the paper's {LM_PANELS[panel][1]} on disk; not the paper's model or data)"
+    fig, axes = _three_axes(title)
+    for ax, (key, name) in zip(axes, LM_METRICS, strict=True):
+        for run in runs:
+            rows = [r for r in run["rows"] if r["split"] == split]
+            opt = run["config"]["optimizer"]
+            ax.plot(
+                [r["step"] for r in rows],
+                [r[key] for r in rows],
+                LM_STYLES.get(opt, ":"),
+                color=LM_COLORS.get(opt),
+                label=lm_label(run),
+            )
+        ax.set_title(name)
+        ax.set_xlabel("preference-training step")
+        ax.set_ylabel("nats (summed over the response)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return [_save(fig, ctx.out / f"figure1{panel}.png")]
+
+
 def draw_panel_c(ctx: FigureContext) -> list[Path]:
-    """Panel (c): LM squeezing runs (Figure 1(c)); hook for the LM layer, not available yet."""
-    print("figure1: panel c not available yet")
-    return []
+    """Panel (c): GPT-2 on WebGPT (paper); from --runs, or the committed offline default runs as a stand-in."""
+    return draw_lm_panel(ctx, "c")
 
 
 def draw_panel_d(ctx: FigureContext) -> list[Path]:
-    """Panel (d): LM squeezing runs (Figure 1(d)); hook for the LM layer, not available yet."""
-    print("figure1: panel d not available yet")
-    return []
+    """Panel (d): Pythia-2.8B on TL;DR (paper); from --runs, or the committed offline default runs as a stand-in."""
+    return draw_lm_panel(ctx, "d")
 
 
 PANELS: dict[str, Callable[[FigureContext], list[Path]]] = {
@@ -185,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="toy steps T (default %(default)s)")
     parser.add_argument("--caption", action="store_true", help="print the caption of panels a-b and exit")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="panels c-d: saved squeezing run folders (default: figures/runs/*)",
+    )
+    parser.add_argument(
+        "--lm-split",
+        choices=("heldout", "train_probe", "train"),
+        default="heldout",
+        help="panels c-d: which rows to draw (default %(default)s)",
+    )
     return parser
 
 
@@ -203,7 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = FigureContext(args=args, out=args.out, config=config)
     for panel in dict.fromkeys(args.panels):  # keep order, drop repeats; each panel is written as it is drawn
-        for path in PANELS[panel](ctx):
+        try:
+            paths = PANELS[panel](ctx)
+        except ValueError as exc:
+            parser.error(str(exc))
+        for path in paths:
             print(f"figure1: wrote {path}")
     if ctx._toy_runs is not None:
         print(f"figure1: wrote {args.out / 'figure1_toy.json'}")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -81,3 +82,25 @@ def test_offline_default_run(tmp_path):
     assert (
         sam[-1]["logp_max_conf"] - sam[0]["logp_max_conf"] < gd[-1]["logp_max_conf"] - gd[0]["logp_max_conf"]
     )
+
+
+def _figure1():
+    fspec = importlib.util.spec_from_file_location("figure1_cli", ROOT / "figures" / "figure1.py")
+    mod = importlib.util.module_from_spec(fspec)
+    sys.modules["figure1_cli"] = mod  # dataclasses need the module registered
+    fspec.loader.exec_module(mod)
+    return mod
+
+
+def test_figure_panels_c_d_from_runs_and_defaults(tmp_path, capsys):
+    fig = _figure1()
+    runs = sorted((ROOT / "figures" / "runs").glob("*/metrics.jsonl"))
+    assert {p.parent.name for p in runs} == {"adamw", "logits-sam-rho0.1"}  # the committed offline default
+    assert fig.main(["--panels", "c", "d", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "figure1c.png").stat().st_size > 10_000 and (tmp_path / "figure1d.png").is_file()
+    ctx = fig.FigureContext(args=fig.build_parser().parse_args([]), out=tmp_path, config=None)
+    drawn, paper = fig.lm_runs_for_panel(ctx, "c")
+    assert not paper and "stand-in" not in fig.lm_source(drawn) and "synthetic" in fig.lm_source(drawn)
+    with pytest.raises(SystemExit) as info:
+        fig.main(["--panels", "c", "--runs", str(tmp_path), "--out", str(tmp_path)])
+    assert info.value.code == 2 and "not a squeezing run" in capsys.readouterr().err
