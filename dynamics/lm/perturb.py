@@ -366,14 +366,27 @@ class PreferenceStep:
             rows.append(out.metrics)
         return rows
 
-    def _allreduce_grads(self) -> None:
+    def _allreduce_grads(self, bucket_numel: int = 2**25) -> None:
+        """Average the gradients over replicas: flattened buckets of ≤ bucket_numel elements per dtype."""
         if not _distributed():
             return
         world = torch.distributed.get_world_size()
-        for p in self._params():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(world)
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+        for g in grads:
+            groups = buckets.setdefault((g.dtype, g.device), [[]])
+            if groups[-1] and sum(t.numel() for t in groups[-1]) + g.numel() > bucket_numel:
+                groups.append([])
+            groups[-1].append(g)
+        for groups in buckets.values():
+            for group in groups:
+                flat = torch.cat([g.reshape(-1) for g in group])
+                torch.distributed.all_reduce(flat)
+                flat.div_(world)
+                offset = 0
+                for g in group:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
     def __call__(self, batch: Mapping | Sequence[Mapping]) -> dict[str, float]:
         micro = [batch] if isinstance(batch, Mapping) else list(batch)

@@ -335,14 +335,21 @@ def test_user_errors_raise_value_error(make_lm, make_batch):
 
 
 def _ddp_rank(rank, world, port, norm, model, batches, queue):
-    """One replica (forked): logits-SAM loss on its own batch under torch.distributed (gloo)."""
+    """One replica (forked): logits-SAM loss on its own batch under torch.distributed (gloo), then one
+    PreferenceStep (plain, SGD lr 1) whose gradient PreferenceStep all-reduces itself."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # no OpenMP parallel region in a forked child
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        out = logits_sam_loss(model, batches[rank], PreferenceObjective("sigmoid", beta=0.5), 0.3, norm=norm)
-        queue.put((rank, float(out.loss.detach()), float(out.metrics["perturbation_norm"])))
+        loss_fn = PreferenceObjective("sigmoid", beta=0.5)
+        out = logits_sam_loss(model, batches[rank], loss_fn, 0.3, norm=norm)
+        before = [p.detach().clone() for p in model.parameters()]
+        PreferenceStep(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, "adamw")(batches[rank])
+        update = [
+            (b - p.detach()).numpy() for b, p in zip(before, model.parameters(), strict=True)
+        ]  # by value
+        queue.put((rank, float(out.loss.detach()), float(out.metrics["perturbation_norm"]), update))
     finally:
         dist.destroy_process_group()
 
@@ -382,7 +389,7 @@ def test_distributed_local_and_global_norm(make_lm, make_batch):
         ]
         for p in procs:
             p.start()
-        got = dict((r, (loss, gn)) for r, loss, gn in (queue.get(timeout=120) for _ in procs))
+        got = {r: (loss, gn, upd) for r, loss, gn, upd in (queue.get(timeout=120) for _ in procs)}
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0
@@ -393,3 +400,12 @@ def test_distributed_local_and_global_norm(make_lm, make_batch):
         assert results["global"][r][0] == pytest.approx(glob[r], abs=1e-12)
         assert results["global"][r][1] == pytest.approx(float(torch.linalg.vector_norm(total)), rel=1e-12)
         assert abs(local[r] - glob[r]) > 1e-6
+    # PreferenceStep averages the replicas' gradients: both apply the mean of the single-process gradients
+    mean_grad = []
+    for b in batches:
+        m = copy.deepcopy(model)
+        plain_loss(m, b, loss_fn).loss.backward()
+        mean_grad.append([p.grad for p in m.parameters()])
+    for r in range(2):
+        for upd, g0, g1 in zip(results["local"][r][2], *mean_grad, strict=True):
+            assert np.allclose(upd, ((g0 + g1) / 2).numpy(), rtol=0, atol=1e-12)
