@@ -81,7 +81,8 @@ def make_pref_batch(
 
 
 @pytest.fixture(params=ARCHS)
-def arch(request) -> str:
+def lm_arch(request) -> str:
+    """Both tiny architectures: "gpt2" (tied head) and "gpt-neox" (untied, Pythia)."""
     return request.param
 
 

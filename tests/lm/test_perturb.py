@@ -162,9 +162,9 @@ def test_backbone_forward_count(method, passes, n_micro, make_lm, make_batch):
     assert head.calls == 0  # the head's weight is used directly (F.linear), never its module forward
 
 
-def test_plain_logits_equal_model_forward(arch, make_lm, make_batch):
+def test_plain_logits_equal_model_forward(lm_arch, make_lm, make_batch):
     """The head route head(base_model(x)) is the model's own logits (the assumption logits-SAM relies on)."""
-    model = make_lm(arch)
+    model = make_lm(lm_arch)
     batch = make_batch()
     captured = {}
 
