@@ -493,6 +493,11 @@ def train(cfg: TrainConfig) -> Path:
                 f"non-finite loss at step {step} ({err}); stopped, parameters not updated; last good checkpoint: "
                 f"{ckpt_path if ckpt_path.exists() else 'none'}; metrics so far in {metrics_path}"
             ) from None
+        if world > 1:  # batch means over all processes (equal shares), so the row describes the global batch
+            keys = sorted(m)
+            values = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(values)
+            m = dict(zip(keys, (values / world).tolist(), strict=True))
         row = {
             "step": step,
             "split": "train",
