@@ -258,29 +258,27 @@ def logits_sam_loss(
         torch.float32,
         torch.float64,
     )
-    # Clean logits: attached when a route will reuse them (gram, low precision), else computed without grad.
-    if route == "gram" or low_precision:
-        z_att = F.linear(h2, weight, bias)
-        z_clean = z_att.detach()
-    else:
-        z_att = None
-        with torch.no_grad():
-            z_clean = F.linear(h2.detach(), weight, bias)
+    # Clean logits, computed once with the graph attached: the Gram and low-precision routes reuse them as the
+    # base of Z̃; the float32/64 dense route recomputes Z̃ = h (W + ε)ᵀ + b and drops them (no backward through).
+    z_att = F.linear(h2, weight, bias)
+    z_clean = z_att.detach()
     acc = _acc_dtype(h2, weight)
     z_leaf = z_clean.to(acc).reshape(*shape, -1).requires_grad_(True)
     with torch.enable_grad():
         loss_clean, metrics = loss_fn(z_leaf, batch)
         (grad_z,) = torch.autograd.grad(loss_clean, z_leaf)
     grad_z = grad_z.reshape(h2.shape[0], -1)
-    if route == "auto" and z_att is None:
+    if route == "auto" and norm == "global" and _distributed():
+        route = "dense"  # the global norm all-reduces G_W (V × d)
+    elif route == "auto":
         n_sel = int((grad_z.abs().amax(dim=1) > 0).sum())
-        chosen = choose_route(h2.shape[0], n_sel, weight.shape[0], weight.shape[1])
-        if chosen == "gram" and not (norm == "global" and _distributed()):
-            z_att = F.linear(h2, weight, bias)
-        route = "dense" if norm == "global" and _distributed() else chosen
+        route = choose_route(h2.shape[0], n_sel, weight.shape[0], weight.shape[1])
+    if route == "dense" and not low_precision:
+        z_att = None
     z_pert, info = perturbed_head_logits(
         h2, weight, bias, grad_z, rho, route=route, norm=norm, clean_logits=z_att
     )
+    del z_att, z_clean, z_leaf
     loss_pert, _ = loss_fn(z_pert.reshape(*shape, -1), batch)
     metrics = {k: v.detach() for k, v in metrics.items()}
     metrics.update(loss_clean=loss_clean.detach(), loss_perturbed=loss_pert.detach(), **info)
