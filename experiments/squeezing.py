@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=None, help="pairs per optimizer step, all processes together")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--steps", type=int, default=None, help="preference-training optimizer steps")
-    a("--eval-every", type=int, default=None, help="probe period in steps (default: steps/10)")
+    a("--eval-every", type=int, default=None, help="probe period in steps (default: steps/20)")
     a("--checkpoint-every", type=int, default=None, help="checkpoint period in steps (default: eval-every)")
     a("--seed", type=int, default=0)
     a("--out", default=DEFAULT_OUT, help="output directory")
@@ -119,7 +119,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
         progress=not args.no_progress,
     )
     base = resolve_config(base)
-    eval_every = args.eval_every if args.eval_every is not None else max(1, base.steps // 10)
+    eval_every = args.eval_every if args.eval_every is not None else max(1, base.steps // 20)
     ckpt = args.checkpoint_every if args.checkpoint_every is not None else eval_every
     base = dataclasses.replace(base, eval_every=eval_every, checkpoint_every=ckpt)
     return [

@@ -12,3 +12,15 @@ from dynamics.lm.curvature import (  # noqa: E402, F401
     summarize_curvature,
     token_curvature_stats,
 )
+
+# isort: split
+from dynamics.lm.data import (  # noqa: E402, F401
+    KNOWN_DATASETS,
+    collate_pairs,
+    collate_sft,
+    load_preference_data,
+    synthetic_pairs,
+)
+from dynamics.lm.models import PRESETS, build_offline_tokenizer, build_tiny_model, load_model  # noqa: E402, F401
+from dynamics.lm.probes import pair_logps, probe_metrics, run_probes  # noqa: E402, F401
+from dynamics.lm.train import TrainConfig, sft_stage, train  # noqa: E402, F401

@@ -20,7 +20,8 @@ def setup():
 
 def _independent(model, batch):
     """log π of each row and max_conf of each row, written out with log_softmax, one row at a time."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     logp = torch.log_softmax(logits, -1)
     seq, top = [], []
     for r in range(logits.shape[0]):

@@ -73,7 +73,7 @@ def test_offline_default_run(tmp_path):
     """The no-argument run (tiny GPT-2, synthetic task), as committed under figures/runs/. Asserts what the
     committed runs show (see the README): under AdamW max_conf rises over the first steps; logits-SAM ends
     with a higher chosen log-prob than AdamW and a smaller max_conf gain."""
-    assert cli.main(["--out", str(tmp_path), "--eval-every", "2", "--no-progress"]) == 0
+    assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 0
     gd = [r for r in _rows(tmp_path / "adamw" / "metrics.jsonl") if r["split"] == "heldout"]
     sam = [r for r in _rows(tmp_path / "logits-sam-rho0.1" / "metrics.jsonl") if r["split"] == "heldout"]
     assert gd[0]["logp_chosen"] == sam[0]["logp_chosen"]
