@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reps",
         type=int,
-        default=12,
+        default=20,
         help="interleaved timing: rounds of one step per variant; per-process timing: fresh processes per variant",
     )
     p.add_argument(
