@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = [dataclasses.replace(c, init_from=str(sft_dir), sft_steps=0) for c in configs]
         for cfg in configs:
             out = train(cfg)
-            print(f"{cfg.optimizer} (rho={cfg.rho:g}): {out / 'metrics.jsonl'}", flush=True)
+            label = cfg.optimizer if cfg.optimizer == "adamw" else f"{cfg.optimizer} (rho={cfg.rho:g})"
+            print(f"{label}: {out / 'metrics.jsonl'}", flush=True)
     except (ValueError, ModelUnavailableError, DataUnavailableError) as err:
         parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except NonFiniteLossError as err:

@@ -415,7 +415,10 @@ def train(cfg: TrainConfig) -> Path:
         model = _sft_into(model, tokenizer, records["sft"], cfg, out, device, main)
     accelerator.wait_for_everyone()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()  # transformers >= 5 renamed gradient_checkpointing_enable
         model.config.use_cache = False
     reference = copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -233,3 +233,22 @@ def test_ddp_two_cpu_processes_match_one(tiny_dir, tmp_path):
     for x, y in zip(a, b, strict=True):
         for key in ("logp_chosen", "logp_rejected", "logp_max_conf", "loss", "margin"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-4), (x["step"], x["split"], key)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tiny_dir, tmp_path):
+    out = train(
+        _cfg(
+            tiny_dir,
+            tmp_path / "bf16",
+            optimizer="logits-sam",
+            rho=0.05,
+            steps=2,
+            bf16=True,
+            gradient_checkpointing=True,
+        )
+    )
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert all(
+        abs(r[k]) < 1e4 for r in rows for k in ("logp_chosen", "logp_rejected", "loss")
+    )  # finite, sane
