@@ -179,13 +179,18 @@ def perturbed_head_logits(
     acc = _acc_dtype(h, weight)
     dev_type = h.device.type
     low_precision = torch.is_autocast_enabled(dev_type) or weight.dtype not in (torch.float32, torch.float64)
+    # The large products run in the compute dtype (bf16 under autocast: a float32 V×d×N matmul would cost more
+    # than the whole logits-SAM budget on a GPU); the norm and ε are reduced and kept in float32 (or float64).
+    if torch.is_autocast_enabled(dev_type):
+        mm = torch.get_autocast_dtype(dev_type)
+    else:
+        mm = acc if weight.dtype in (torch.float32, torch.float64) else weight.dtype
     n, d = h.shape
     v = weight.shape[0]
     with torch.no_grad(), torch.autocast(dev_type, enabled=False):
-        g = grad_logits.to(acc)
-        sel = g.abs().amax(dim=1) > 0
-        gs = g[sel]
-        hs = h.detach()[sel].to(acc)
+        sel = grad_logits.abs().amax(dim=1) > 0
+        gs = grad_logits[sel].to(mm)
+        hs = h.detach()[sel].to(mm)
     global_norm = norm == "global" and _distributed()
     if route == "auto":
         route = "dense" if global_norm else choose_route(n, int(gs.shape[0]), v, d)
@@ -194,7 +199,7 @@ def perturbed_head_logits(
 
     if route == "dense":
         with torch.no_grad(), torch.autocast(dev_type, enabled=False):
-            grad_w = gs.T @ hs  # (V, d)
+            grad_w = (gs.T @ hs).to(acc)  # (V, d)
             if global_norm:
                 torch.distributed.all_reduce(grad_w)
             gnorm = torch.linalg.vector_norm(grad_w)
@@ -209,13 +214,13 @@ def perturbed_head_logits(
 
     # Gram route: never forms a V×d matrix.
     with torch.no_grad(), torch.autocast(dev_type, enabled=False):
-        gram_h = hs @ hs.T
-        gram_g = gs @ gs.T
+        gram_h = (hs @ hs.T).to(acc)
+        gram_g = (gs @ gs.T).to(acc)
         gnorm = torch.sqrt((gram_h * gram_g).sum().clamp_min(0))
         scale = rho / gnorm if gnorm > 0 else torch.zeros((), dtype=acc, device=h.device)
     z = clean_logits if clean_logits is not None else F.linear(h, weight, bias)
     with torch.autocast(dev_type, enabled=False):
-        delta = ((h.to(acc) @ hs.T) @ gs) * scale
+        delta = ((h.to(mm) @ hs.T) @ gs).to(acc) * scale
     out = z.to(acc) + delta
     return out, {"perturbation_norm": gnorm.detach(), "route": torch.tensor(2)}
 

@@ -282,7 +282,8 @@ def test_metrics_are_on_clean_logits(make_lm, make_batch):
 @pytest.mark.parametrize("route", ["dense", "gram"])
 def test_bf16_autocast_keeps_the_perturbation(route, make_lm, make_batch):
     """Under bf16 autocast the perturbation is added in float32 (W + ε in bf16 would round ε away): the loss
-    increase matches float32's to bf16 accuracy (relative ~1e-2, hence 25%)."""
+    increase ℓ(Z̃) − ℓ(Z), which is first order in δ = hεᵀ, matches float32's to a few bf16 roundings of δ
+    (unit round-off 2⁻⁸ ≈ 0.4%; measured 0.07%), hence rel 2%."""
     model = make_lm("gpt-neox")
     batch = make_batch()
     loss_fn = PreferenceObjective("sigmoid")
@@ -294,7 +295,7 @@ def test_bf16_autocast_keeps_the_perturbation(route, make_lm, make_batch):
     rise_ref = float(ref.metrics["loss_perturbed"] - ref.metrics["loss_clean"])
     rise = float(out.metrics["loss_perturbed"] - out.metrics["loss_clean"])
     assert rise_ref > 1e-3
-    assert rise == pytest.approx(rise_ref, rel=0.25)
+    assert rise == pytest.approx(rise_ref, rel=0.02)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
