@@ -27,11 +27,16 @@ plain training bit-exactly (see the tests).
 the Ns rows where G_Z ≠ 0: ‖G_W‖² = Σ (h_s h_sᵀ) ⊙ (G_s G_sᵀ), h εᵀ = (ρ/‖G_W‖) (h h_sᵀ) G_s. "auto" (default)
 picks the route with fewer flops for each batch (`choose_route`).
 
-**Precision**: the norm and G_W are computed in float32 (float64 if the model is float64) with autocast off;
-‖G_W‖ = 0 gives ε = 0. In float32/float64 the perturbed logits are F.linear(h, W + ε, b) (cost: one extra
-V×d×N matmul for the clean logits and one for G_W). Under autocast or with low-precision weights, W + ε would
-round ε away (‖ε‖ per entry ≪ bf16's spacing of W), so the perturbation is added to the logits in float32
-instead: Z̃ = float(Z) + float(h εᵀ) (one more head-sized matmul in the backward).
+**Precision**: G_W (or the Gram matrices) come from products in the compute dtype (bf16 under bf16 autocast),
+stored and reduced in float32 (float64 for a float64 model): the norm and ε are float32; ‖G_W‖ = 0 gives
+ε = 0. In float32/float64 the perturbed logits are F.linear(h, W + ε, b): beyond plain training, one V×d×N
+matmul for G_W and one for Z̃ (the clean logits are the plain forward's). Under autocast or with
+low-precision weights W + ε would round ε away (per entry ‖ε‖ is far below bf16's spacing of W), so the
+perturbation is added to the logits in float32 instead, Z̃ = float(Z) + float(h εᵀ), which costs one more
+head-sized matmul in the backward (dh through h εᵀ).
+
+**Modes**: `PreferenceStep` calls ``model.train()``; with dropout on, full SAM's two passes draw different
+masks (as in every SAM implementation) — preference training usually sets dropout to 0.
 
 **Distributed** (torch.distributed initialised, world size > 1): pass the *unwrapped* model; `PreferenceStep`
 all-reduces (averages) the gradients itself after the last micro-batch. ``norm="local"`` (default, as the
