@@ -23,4 +23,4 @@ from dynamics.lm.data import (  # noqa: E402, F401
 )
 from dynamics.lm.models import PRESETS, build_offline_tokenizer, build_tiny_model, load_model  # noqa: E402, F401
 from dynamics.lm.probes import pair_logps, probe_metrics, run_probes  # noqa: E402, F401
-from dynamics.lm.train import TrainConfig, sft_stage, train  # noqa: E402, F401
+from dynamics.lm.train import TrainConfig, sft_stage  # noqa: E402, F401  (not `train`: it would shadow the module)
