@@ -35,7 +35,7 @@ def test_bad_flags_exit_2_with_one_line(argv, match, capsys, tmp_path):
         cli.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert match in err[-1] and "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and match in err[0]  # one line, no usage dump, no traceback
 
 
 def test_real_preset_offline_fails_fast(capsys, tmp_path, monkeypatch):
