@@ -103,13 +103,6 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert exc.value.code == 2 and "expected a folder" in capsys.readouterr().err
 
 
-def test_panels_c_d_not_available_yet(tmp_path, capsys):
-    assert _load_script().main(["--panels", "c", "d", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "panel c not available yet" in out and "panel d not available yet" in out
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_caption_names_the_defaults(capsys):
     assert _load_script().main(["--caption"]) == 0
     text = capsys.readouterr().out
