@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynamics._cli import OneLineErrorParser, finite_float, output_dir, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_VARIANTS = ("adamw", "logits-sam", "sam")
 DEFAULT_MODEL = "pythia-shaped"
@@ -418,7 +420,7 @@ def summarize(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", default="figures", help="output directory for efficiency.json and figure2.png")
@@ -455,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=int, default=1, help="untimed steps per subprocess (allocate optimizer state)"
     )
-    p.add_argument("--rho", type=float, default=1e-3, help="SAM radius for logits-sam and sam")
+    p.add_argument("--rho", type=finite_float, default=1e-3, help="SAM radius for logits-sam and sam")
     p.add_argument("--loss", default="sigmoid", help="preference loss (dynamics.lm.losses.LOSSES)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -488,8 +490,8 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         import torch
 
-        if not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device is available here")
+        if not torch.cuda.is_available():  # runtime unavailability, not a usage error: exit 1
+            p.exit(1, f"{p.prog}: --device {args.device}: no CUDA device is available here\n")
     if args.model not in BUILTIN_CONFIGS and not Path(args.model).exists():
         from dynamics.lm.models import PRESETS
 
@@ -501,9 +503,13 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if Path(args.model).is_file():
         try:
             cfg = json.loads(Path(args.model).read_text())
-            cfg["model_type"]
+            model_type = cfg["model_type"]
         except (ValueError, KeyError, TypeError):
             p.error(f"--model {args.model}: expected a JSON config with a 'model_type' field")
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            p.error(f"--model {args.model}: unknown model_type {model_type!r} (expected a transformers one)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,8 +520,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(workers.get(args.worker, run_worker)(args)))
         return 0
     validate(parser, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(parser, args.out)
+    try:
+        return run_benchmark(parser, args, out)
+    except OSError as err:  # e.g. the disk filled up mid-run: the efficiency.json already written stays
+        parser.exit(1, f"{parser.prog}: cannot write the results: {err}\n")
+
+
+def run_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Path) -> int:
+    """Measure every variant (fresh processes), rewriting OUT/efficiency.json after each; then draw Figure 2."""
     if args.timing is None:
         args.timing = "per-process" if args.device.startswith("cuda") else "interleaved"
     variants = list(MAIN_VARIANTS)
@@ -530,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> dict:
         doc = summarize(args, runs, gram_micro, timing)
-        (out / "efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(out / "efficiency.json", doc)
         return doc
 
     process_reps = args.reps if args.timing == "per-process" else 1

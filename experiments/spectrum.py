@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynamics._cli import OneLineErrorParser, output_dir, write_json
 from dynamics.spectrum import full_spectrum, near_flat_probs, top_modes, zipf_probs
 
 
@@ -95,17 +96,8 @@ def _top_scale(size: int, k: int, repeats: int, seed: int) -> dict:
     return {"time_s": time_s, "peak_mem_mb": _peak_added_mb(lambda: top_modes(p, k))}
 
 
-def _write(out_dir: Path, results: dict) -> None:
-    path = out_dir / "spectrum.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
     parser.add_argument("--dense-v", type=int, default=2048, help="V of the accuracy check vs dense eigh")
     parser.add_argument("--speed-v", type=int, default=4096, help="V of the speed comparison vs dense eigh")
@@ -122,37 +114,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return run(parser, args)
+    except OSError as err:  # e.g. the disk filled up or the folder vanished mid-run: what was written stays
+        parser.exit(1, f"{parser.prog}: cannot write the results: {err}\n")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Validate the flags (usage errors exit 2), then measure, rewriting OUT/spectrum.json after each section."""
+    if args.k < 1:
+        parser.error(f"--k: expected a positive integer, got {args.k}")
     for name in ("dense_v", "speed_v"):
         if getattr(args, name) < args.k + 2:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= k + 2 = {args.k + 2}")
-    if args.k < 1:
-        parser.error(f"--k: expected a positive integer, got {args.k}")
     if any(size < args.k + 2 for size in args.top_v):
         parser.error(f"--top-v: expected integers >= k + 2 = {args.k + 2}")
     if args.repeats < 1 or args.dense_repeats < 1:
         parser.error("--repeats/--dense-repeats: expected positive integers")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out: expected a folder, got the file {args.out}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    output_dir(parser, args.out)
     config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     config["measures"] = __doc__.split("Measurements:\n", 1)[1].strip()
     config_path = args.out / "spectrum_config.json"
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_json(config_path, config, ensure_ascii=False)
 
     results: dict = {}
     results["dense_check"] = _dense_check(args.dense_v, args.k, args.seed)
-    _write(args.out, results)
+    write_json(args.out / "spectrum.json", results)
     results["speedup_vs_dense"], raw_times = _speedup(
         args.speed_v, args.k, args.repeats, args.dense_repeats, args.seed
     )
-    _write(args.out, results)
+    write_json(args.out / "spectrum.json", results)
     config["speedup_raw_times_s"] = raw_times
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_json(config_path, config, ensure_ascii=False)
     top_key = f"top{args.k}"
     results[top_key] = {}
     for size in args.top_v:
         results[top_key][str(size)] = _top_scale(size, args.k, min(args.repeats, 5), args.seed)
-        _write(args.out, results)
+        write_json(args.out / "spectrum.json", results)
     print(json.dumps(results, indent=2))
     return results
 

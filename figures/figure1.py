@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dynamics._cli import OneLineErrorParser, output_dir, write_json  # noqa: E402
 from dynamics.simulate import Trajectory  # noqa: E402
 from dynamics.toy import ToyConfig, class_roles, run_toy, toy_record  # noqa: E402
 
@@ -76,9 +77,7 @@ class FigureContext:
     def toy_runs(self) -> list[Trajectory]:
         if self._toy_runs is None:
             self._toy_runs = run_toy(self.config)
-            (self.out / "figure1_toy.json").write_text(
-                json.dumps(toy_record(self.config, self._toy_runs)) + "\n"
-            )
+            write_json(self.out / "figure1_toy.json", toy_record(self.config, self._toy_runs), indent=None)
         return self._toy_runs
 
 
@@ -164,13 +163,41 @@ LM_COLORS = {"adamw": "#000000", "logits-sam": "#D55E00", "sam": "#0072B2"}
 LM_STYLES = {"adamw": "-", "logits-sam": "--", "sam": "-."}
 
 
+LM_ROW_KEYS = ("step", "split") + tuple(key for key, _ in LM_METRICS)
+LM_CONFIG_KEYS = ("optimizer", "rho", "model", "dataset")
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"--runs: {path} is not valid {what} ({str(err).splitlines()[0]})") from None
+
+
 def read_lm_run(run_dir: Path) -> dict:
-    """A saved squeezing run: {"dir", "config" (config.json), "rows" (metrics.jsonl)}; ValueError if absent."""
+    """A saved squeezing run: {"dir", "config" (config.json), "rows" (metrics.jsonl)}; ValueError (one line
+    naming the file) if a file is absent or malformed, or lacks a field the panels draw."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.json").is_file():
+    metrics_path, config_path = run_dir / "metrics.jsonl", run_dir / "config.json"
+    if not metrics_path.is_file() or not config_path.is_file():
         raise ValueError(f"--runs: {run_dir} is not a squeezing run (needs metrics.jsonl and config.json)")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"dir": run_dir, "config": json.loads((run_dir / "config.json").read_text()), "rows": rows}
+    config = _read_json(config_path, "JSON")
+    if not isinstance(config, dict) or any(key not in config for key in LM_CONFIG_KEYS):
+        raise ValueError(
+            f"--runs: {config_path}: expected a JSON object with the fields {list(LM_CONFIG_KEYS)}"
+        )
+    rows = []
+    for number, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"--runs: {metrics_path} line {number} is not JSON ({err})") from None
+        if not isinstance(row, dict) or any(key not in row for key in LM_ROW_KEYS):
+            raise ValueError(f"--runs: {metrics_path} line {number}: expected the fields {list(LM_ROW_KEYS)}")
+        rows.append(row)
+    return {"dir": run_dir, "config": config, "rows": rows}
 
 
 def lm_runs_for_panel(ctx: FigureContext, panel: str) -> tuple[list[dict], bool]:
@@ -251,13 +278,6 @@ PANELS: dict[str, Callable[[FigureContext], list[Path]]] = {
 }
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump) and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags; panels c/d may add their own flags here."""
     defaults = ToyConfig()
@@ -300,15 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.caption:
         print(caption(config))
         return 0
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out: expected a folder, got the file {args.out}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    output_dir(parser, args.out)
     ctx = FigureContext(args=args, out=args.out, config=config)
     for panel in dict.fromkeys(args.panels):  # keep order, drop repeats; each panel is written as it is drawn
         try:
             paths = PANELS[panel](ctx)
         except ValueError as exc:
             parser.error(str(exc))
+        except OSError as exc:  # the panels already written stay
+            parser.exit(1, f"{parser.prog}: cannot write panel {panel}: {exc}\n")
         for path in paths:
             print(f"figure1: wrote {path}")
     if ctx._toy_runs is not None:

@@ -5,12 +5,13 @@ A pure function of the saved benchmark: ``python figures/figure2.py [figures/eff
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dynamics._cli import OneLineErrorParser, output_file
 
 MAIN_VARIANTS = ("adamw", "logits-sam", "sam")
 LABELS = {"adamw": "AdamW", "logits-sam": "logits-SAM", "sam": "SAM"}
@@ -71,8 +72,28 @@ def plot_efficiency(data: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+def check_efficiency_doc(data: Any) -> None:
+    """ValueError (one line) unless ``data`` has the efficiency.json fields this figure draws: a numeric
+    ``head_share`` and ``variants`` mapping each variant to numeric ``step_time_s`` and ``peak_mem_mb``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data.get("head_share"), (int, float)):
+        raise ValueError("expected a numeric 'head_share' field")
+    variants = data.get("variants")
+    if not isinstance(variants, Mapping) or not any(v in variants for v in MAIN_VARIANTS):
+        raise ValueError(f"expected a 'variants' object with at least one of {list(MAIN_VARIANTS)}")
+    for v in MAIN_VARIANTS:
+        for key in ("step_time_s", "peak_mem_mb"):
+            if v in variants and not isinstance(_get(variants[v], key), (int, float)):
+                raise ValueError(f"expected a number at variants.{v}.{key}")
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineErrorParser(description=__doc__)
     parser.add_argument("json", nargs="?", default="figures/efficiency.json", help="efficiency.json to plot")
     parser.add_argument("--out", default=None, help="output PNG (default: figure2.png beside the JSON)")
     args = parser.parse_args(argv)
@@ -81,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{src}: no such file (run experiments/efficiency.py first)")
     try:
         data = json.loads(src.read_text())
-        data["variants"], data["head_share"]
-    except (ValueError, KeyError) as err:
-        parser.error(f"{src}: not an efficiency.json ({type(err).__name__}: {err})")
-    out = plot_efficiency(data, args.out or src.with_name("figure2.png"))
+        check_efficiency_doc(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        parser.error(f"{src}: not an efficiency.json ({str(err).splitlines()[0]})")
+    out = output_file(parser, args.out or src.with_name("figure2.png"))
+    try:
+        plot_efficiency(data, out)
+    except OSError as err:
+        parser.exit(1, f"{parser.prog}: cannot write {out}: {err}\n")
     print(out)
     return 0
 

@@ -153,10 +153,35 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.n_train is not None and cfg.n_train < 1:
+        raise ValueError(f"n_train must be >= 1 or None (all), got {cfg.n_train}")
+    for name in ("data_file", "eval_data_file"):
+        path = getattr(cfg, name)
+        if path is not None and cfg.dataset == "synthetic":
+            raise ValueError(
+                f"{name} is a raw-schema file of a named data set: give its dataset (webgpt, tldr or hh); "
+                "the synthetic task reads no file"
+            )
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path} does not exist (expected a local raw-schema data file)")
+    if cfg.init_from is not None and not Path(cfg.init_from).is_dir():
+        raise ValueError(f"init_from {cfg.init_from} is not a folder (expected a saved model directory)")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"out: expected a folder, got the file {cfg.out}")
     return cfg
 
 
 # ------------------------------------------------------------------------------------------- small helpers
+def make_out_dir(out: Path) -> None:
+    """Create the run folder; ValueError (one line) when it cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out: cannot create the folder {out}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"out: expected a writable folder, got {out}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -402,7 +427,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out)
         if not cfg.resume and metrics_path.exists():
             raise ValueError(
                 f"{metrics_path} exists: pass --resume to continue that run, or choose another --out"
@@ -556,7 +581,7 @@ def sft_stage(cfg: TrainConfig) -> Path:
     if (out / "sft" / "DONE").is_file():
         return out / "sft"
     accelerator = _accelerator(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     records = load_records(dataclasses.replace(cfg, init_from=None))

@@ -107,6 +107,8 @@ def test_figure2_is_a_pure_function_of_the_json(tmp_path):
         (["--loss", "kto"], "--loss must be one of"),
         (["--model", "no-such-model"], "--model 'no-such-model'"),
         (["--device", "tpu"], "--device"),
+        (["--rho", "nan"], "--rho: expected a finite number"),  # was exit 1 after starting the benchmark
+        (["--steps", "-1"], "--steps must be >= 1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, message, efficiency, tmp_path, capsys):
@@ -116,6 +118,36 @@ def test_bad_flags_exit_2_with_one_line(args, message, efficiency, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "efficiency.json").exists()
+
+
+def test_unknown_model_type_and_bad_out_exit_2_with_one_line(efficiency, tmp_path, capsys):
+    """Before: an unknown model_type failed in the worker (exit 1), --out below a file raised from mkdir."""
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**TINY, "model_type": "no_such_arch"}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, message in (
+        (["--out", str(tmp_path), "--model", str(config)], "unknown model_type 'no_such_arch'"),
+        (["--out", str(a_file / "sub")], "--out: cannot create the folder"),
+        (["--out", str(a_file)], "--out: expected a folder"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            efficiency.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_cuda_unavailable_exits_1_with_one_line(efficiency, tmp_path, capsys, monkeypatch):
+    """No CUDA device is runtime unavailability (exit 1), not a usage error."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        efficiency.main(["--out", str(tmp_path), "--device", "cuda"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0]
 
 
 @pytest.fixture

@@ -252,3 +252,34 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tiny_dir, tmp_path):
     assert all(
         abs(r[k]) < 1e4 for r in rows for k in ("logp_chosen", "logp_rejected", "loss")
     )  # finite, sane
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # Before: a data file with the (default) synthetic data set was silently ignored and the run trained.
+        ({"data_file": "x.jsonl"}, "the synthetic task reads no file"),
+        ({"dataset": "tldr", "data_file": "/no/such/file.jsonl"}, "does not exist"),
+        ({"dataset": "tldr", "eval_data_file": "/no/such/file.jsonl"}, "eval_data_file /no/such"),
+        ({"init_from": "/no/such/model_dir"}, "init_from /no/such/model_dir is not a folder"),
+        ({"n_train": 0}, "n_train must be >= 1"),
+    ],
+)
+def test_resolve_config_rejects_bad_paths_early(fields, message):
+    from dynamics.lm.train import TrainConfig, resolve_config
+
+    with pytest.raises(ValueError, match=message):
+        resolve_config(TrainConfig(**fields))
+
+
+def test_out_that_cannot_be_created_is_a_one_line_value_error(tmp_path):
+    """Before: train() raised NotADirectoryError from mkdir (a traceback in squeezing.py)."""
+    from dynamics.lm.train import TrainConfig, resolve_config, train
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="out: expected a folder"):
+        resolve_config(TrainConfig(out=str(a_file)))
+    with pytest.raises(ValueError, match="out: cannot create the folder") as info:
+        train(TrainConfig(out=str(a_file / "sub"), steps=1, sft_steps=0, device="cpu", progress=False))
+    assert "\n" not in str(info.value)
