@@ -219,20 +219,24 @@ def synthetic_pairs(
     """A preference task on which the theory predicts squeezing (S5 carried to an LM) [ours].
 
     Prompts "Q{3 digits}:" (the response does not depend on them). Responses are strings over the filler
-    letter "a" and ten content letters: "b".."f" (preferred) and "g".."k" (dispreferred).
+    letter "a" and the ten content letters "b".."k".
 
     - split "sft": chosen = a string of uniform length in [`response_len`, `rejected_len`], each letter "a"
       with probability `filler_prob`, else a uniform content letter. SFT on these makes the model **peaked**:
       at every response position the argmax is "a" (p ≈ 0.9), each content letter ≈ 0.01, and the varying
       length keeps the end-of-text token below "a" until the longest length.
-    - splits "train" / "test": chosen = `response_len` preferred letters (never the argmax at any position),
-      rejected = `rejected_len` (default 3 × `response_len`) dispreferred letters: a low-probability,
-      off-policy response. DPO's negative gradient on the rejected tokens lowers them and, by S5, moves
-      probability onto the argmax "a" (α_{y*} > 1); through the shared parameters that raises "a" at the
-      chosen positions too, where log π(chosen) can fall while max_conf rises. The rejected response is
-      longer so the negative gradient acts on more positions than the positive one: where chosen and rejected
-      share a context, DPO's logit update is e_{y⁺} − e_{y⁻} and the two "−p" parts cancel (no squeezing to
-      first order); equal lengths with a shared letter set give no learnable preference at all.
+    - splits "train" / "test": chosen = `response_len` content letters, rejected = `rejected_len` (default
+      3 × `response_len`) content letters, both uniform over the **same** ten letters: two similar,
+      unlikely (off-manifold: no filler) responses, the chosen one shorter. Neither response contains the
+      argmax "a" at any position. DPO's negative gradient on the rejected tokens is "GD with a negative
+      learning rate" on labels with p ≈ 0.01 under a model peaked on "a": by S5 it lowers them and moves
+      their mass onto "a" (α_{y*} > 1). The positive gradient on the chosen tokens raises the same letters,
+      but on a third as many positions, so on the (shared) letter features the push is net negative and
+      log π(chosen) falls while max_conf (the argmax "a" at the chosen positions) rises: the squeezing
+      effect. What the model can learn to prefer is the length (end-of-text after `response_len` letters).
+      (With disjoint letter sets for chosen and rejected the positive gradient raises the chosen letters
+      directly and log π(chosen) rises; where chosen and rejected share a context, DPO's logit update is
+      e_{y⁺} − e_{y⁻} and the two "−p" parts cancel, hence the different lengths.)
     Different seeds / splits give independent draws; "test" uses seed + 1_000_003.
     """
     if split not in ("sft", "train", "test"):
@@ -243,10 +247,9 @@ def synthetic_pairs(
     if not 1 <= response_len <= rejected_len:
         raise ValueError(f"need 1 <= response_len <= rejected_len, got {response_len}, {rejected_len}")
     rng = random.Random(seed + {"sft": 7, "train": 0, "test": 1_000_003}[split])
-    good, bad = SYNTH_CONTENT[:5], SYNTH_CONTENT[5:]
 
-    def draw(letters: str, k: int) -> str:
-        return "".join(rng.choice(letters) for _ in range(k))
+    def draw(k: int) -> str:
+        return "".join(rng.choice(SYNTH_CONTENT) for _ in range(k))
 
     records = []
     for _ in range(n):
@@ -257,11 +260,9 @@ def synthetic_pairs(
                 SYNTH_FILLER if rng.random() < filler_prob else rng.choice(SYNTH_CONTENT)
                 for _ in range(length)
             )
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": draw(bad, rejected_len)})
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": draw(rejected_len)})
         else:
-            records.append(
-                {"prompt": prompt, "chosen": draw(good, response_len), "rejected": draw(bad, rejected_len)}
-            )
+            records.append({"prompt": prompt, "chosen": draw(response_len), "rejected": draw(rejected_len)})
     return records
 
 

@@ -108,9 +108,11 @@ def test_synthetic_task_is_deterministic_and_shaped():
     assert 0.85 < letters.count("a") / len(letters) < 0.95  # filler probability 0.9: the SFT argmax is "a"
     train, test = synthetic_pairs("train", n=50), synthetic_pairs("test", n=50)
     assert train != test
-    for r in train:
-        assert set(r["chosen"]) <= set("bcdef") and set(r["rejected"]) <= set("ghijk")
+    for r in train:  # two similar off-manifold responses: content letters only, never the SFT argmax "a"
+        assert set(r["chosen"]) <= set("bcdefghijk") and set(r["rejected"]) <= set("bcdefghijk")
         assert len(r["chosen"]) == 6 and len(r["rejected"]) == 18
+    letters = "".join(r["chosen"] + r["rejected"] for r in synthetic_pairs("train", n=400))
+    assert set(letters) == set("bcdefghijk")  # one shared letter set for chosen and rejected
     with pytest.raises(ValueError, match="synthetic split"):
         synthetic_pairs("valid")
 
