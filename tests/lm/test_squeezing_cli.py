@@ -70,18 +70,24 @@ def test_two_optimizers_share_one_sft_start(tmp_path):
 
 @pytest.mark.slow
 def test_offline_default_run(tmp_path):
-    """The no-argument run (tiny GPT-2, synthetic task), as committed under figures/runs/. Asserts what the
-    committed runs show (see the README): under AdamW max_conf rises over the first steps; logits-SAM ends
-    with a higher chosen log-prob than AdamW and a smaller max_conf gain."""
+    """The no-argument run (tiny GPT-2, synthetic task, ~1 min), as committed under figures/runs/, shows the
+    squeezing effect the README reports: under AdamW the held-out chosen log-prob falls at every probe over
+    the first 100 steps and ends more than 5 nats below step 0, while max_conf ends above step 0; logits-SAM
+    (ρ = 0.1) does not remove the fall. Thresholds are about half the effect seen over seeds 0-2 (chosen
+    falls 9.3-10.6 nats, max_conf rises 0.27-0.57 nats; logits-SAM's chosen falls 9.4-20 nats): a design
+    where DPO's positive gradient wins (e.g. disjoint chosen / rejected letters) ends with chosen above its
+    start and fails here."""
     assert cli.main(["--out", str(tmp_path), "--no-progress"]) == 0
     gd = [r for r in _rows(tmp_path / "adamw" / "metrics.jsonl") if r["split"] == "heldout"]
     sam = [r for r in _rows(tmp_path / "logits-sam-rho0.1" / "metrics.jsonl") if r["split"] == "heldout"]
-    assert gd[0]["logp_chosen"] == sam[0]["logp_chosen"]
-    assert gd[4]["logp_max_conf"] > gd[0]["logp_max_conf"]
-    assert sam[-1]["logp_chosen"] > gd[-1]["logp_chosen"]
-    assert (
-        sam[-1]["logp_max_conf"] - sam[0]["logp_max_conf"] < gd[-1]["logp_max_conf"] - gd[0]["logp_max_conf"]
-    )
+    assert gd[0]["logp_chosen"] == sam[0]["logp_chosen"]  # one SFT start
+    assert gd[-1]["step"] == 200
+    first_half = [r["logp_chosen"] for r in gd if r["step"] <= 100]
+    assert all(b < a for a, b in zip(first_half, first_half[1:], strict=False))
+    assert gd[-1]["logp_chosen"] < gd[0]["logp_chosen"] - 5.0
+    assert gd[-1]["logp_max_conf"] > gd[0]["logp_max_conf"] + 0.1
+    assert gd[-1]["logp_rejected"] < gd[0]["logp_rejected"]
+    assert sam[-1]["logp_chosen"] < sam[0]["logp_chosen"] - 5.0
 
 
 def _figure1():
