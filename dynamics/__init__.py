@@ -1,4 +1,5 @@
 """Logit-space dynamics of the squeezing effect (theory core) and logits-SAM for causal LMs (`dynamics.lm`)."""
+
 from dynamics.logit_space import (  # noqa: E402,F401
     hessian_eigh,
     log_softmax,

@@ -9,6 +9,8 @@ import numpy as np
 
 def as_float_array(x: object, name: str, ndim: int | None = None, size: int | None = None) -> np.ndarray:
     """Return ``x`` as a finite float64 array, checking its number of axes and last-axis length."""
+    if x is None or isinstance(x, (str, bytes)):
+        raise ValueError(f"{name}: expected a real numeric array, got {type(x).__name__}")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -45,6 +47,15 @@ def as_label(label: object, num_classes: int) -> int:
     if not 0 <= value < num_classes:
         raise ValueError(f"label: expected an index in [0, {num_classes}), got {value}")
     return value
+
+
+def as_count(n: object, name: str, minimum: int = 1) -> int:
+    """Return ``n`` as an int >= ``minimum`` (a size or a number of classes)."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, np.integer)):
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {type(n).__name__}")
+    if int(n) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {int(n)}")
+    return int(n)
 
 
 def as_logits(z: object, name: str = "z") -> np.ndarray:

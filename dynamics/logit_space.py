@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from dynamics._validate import as_float_array, as_label, as_logits, as_probs
+from dynamics._validate import as_count, as_float_array, as_label, as_logits, as_probs
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 def one_hot(label: int, num_classes: int) -> np.ndarray:
     """e_y, shape (K,)."""
-    e = np.zeros(num_classes)
+    e = np.zeros(as_count(num_classes, "num_classes"))
     e[as_label(label, num_classes)] = 1.0
     return e
 

@@ -170,8 +170,8 @@ def simulate(
     z0: np.ndarray, label: int, mu: float, settings: Sequence[Setting | tuple], steps: int
 ) -> list[Trajectory]:
     """Logit-space trajectories (``simulate_logits``) for several (name, η, ρ) settings from the same z0."""
-    if len(settings) == 0:
-        raise ValueError("settings: expected at least one (name, eta, rho) setting")
+    if isinstance(settings, Setting) or not isinstance(settings, Sequence) or len(settings) == 0:
+        raise ValueError("settings: expected a list of at least one (name, eta, rho) setting")
     return [simulate_logits(z0, label, mu, setting, steps) for setting in settings]
 
 
@@ -185,7 +185,13 @@ def save_trajectories(path: str | Path, trajectories: Sequence[Trajectory]) -> P
 
 def load_trajectories(path: str | Path) -> list[Trajectory]:
     """Read trajectories written by ``save_trajectories``."""
-    payload = json.loads(Path(path).read_text())
-    if payload.get("format") != "dynamics.trajectories/1":
+    try:
+        payload = json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: expected a 'dynamics.trajectories/1' JSON file ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != "dynamics.trajectories/1":
         raise ValueError(f"{path}: expected a 'dynamics.trajectories/1' JSON file")
-    return [Trajectory.from_dict(run) for run in payload["runs"]]
+    try:
+        return [Trajectory.from_dict(run) for run in payload["runs"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: a run lacks a field or has a wrong type ({err!r})") from None

@@ -25,6 +25,8 @@ def effective_radius(rho: float, mu: float, g: np.ndarray) -> float:
 
 def sam_perturbation(grad: np.ndarray, rho: float) -> np.ndarray:
     """ε = ρ ∇/‖∇‖_F (Foret et al.), any shape; exactly zero when ρ = 0 or the gradient is zero."""
+    grad = as_float_array(grad, "grad")
+    rho = as_scalar(rho, "rho")
     norm = float(np.linalg.norm(grad))
     if norm == 0.0:
         return np.zeros_like(grad)

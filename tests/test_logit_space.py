@@ -12,6 +12,7 @@ from dynamics.logit_space import (
     logit_hessian,
     modal_coefficients,
     ntk,
+    one_hot,
     param_hessian,
     residual,
     softmax,
@@ -201,3 +202,10 @@ def test_ntk():
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("num_classes", [3.0, "3", None, 0, True])
+def test_one_hot_rejects_a_bad_number_of_classes(num_classes):
+    """Before: numpy's TypeError ('cannot be interpreted as an integer') or an IndexError."""
+    with pytest.raises(ValueError, match="num_classes: expected an int >= 1"):
+        one_hot(0, num_classes)

@@ -118,3 +118,27 @@ def test_load_rejects_foreign_json(tmp_path):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_simulate_rejects_a_single_setting_or_none():
+    """Before: a bare Setting iterated over its fields, and None raised TypeError from len()."""
+    z0 = np.array([0.0, 1.0, 0.5])
+    for settings_arg in (Setting("GD", -0.1), None):
+        with pytest.raises(ValueError, match="settings: expected a list of at least one"):
+            simulate(z0, 0, 1.0, settings_arg, 2)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "expected a 'dynamics.trajectories/1' JSON file"),
+        ("[1, 2]", "expected a 'dynamics.trajectories/1' JSON file"),
+        ('{"format": "dynamics.trajectories/1", "runs": [{"name": "GD"}]}', "a run lacks a field"),
+    ],
+)
+def test_load_trajectories_rejects_malformed_files(tmp_path, text, message):
+    """Before: AttributeError ('list' has no 'get') or KeyError from deep inside from_dict."""
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_trajectories(path)

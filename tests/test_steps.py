@@ -145,3 +145,23 @@ def test_effective_radius_value():
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "grad, rho, message",
+    [
+        (None, 0.1, "grad: expected a real numeric array"),
+        ([1.0, float("nan")], 0.1, "grad: expected finite values"),
+        ([1.0, 2.0], "0.1", "rho: expected a real scalar"),
+        ([1.0, 2.0], float("inf"), "rho: expected a finite number"),
+    ],
+)
+def test_sam_perturbation_rejects_bad_input(grad, rho, message):
+    """Before: a TypeError from `rho / norm` or a NaN ε returned silently."""
+    with pytest.raises(ValueError, match=message):
+        sam_perturbation(grad, rho)
+
+
+def test_sam_perturbation_accepts_a_list():
+    """Before: a list gradient raised TypeError ('can't multiply sequence by non-int')."""
+    assert np.allclose(sam_perturbation([3.0, 4.0], 1.0), [0.6, 0.8])

@@ -18,20 +18,45 @@ import torch
 __all__ = ["token_logps", "sequence_logps", "max_conf_logps", "response_lengths", "check_logps_inputs"]
 
 
-def check_logps_inputs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> None:
-    """Raise ValueError unless logits (B,T,V), input_ids (B,T) in [0,V) and response_mask (B,T) agree."""
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
-    b, t, v = logits.shape
-    if tuple(input_ids.shape) != (b, t) or tuple(response_mask.shape) != (b, t):
+def _check_logits_ids(logits: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """ValueError unless logits is a floating (B, T, V) tensor and input_ids an integer (B, T) tensor in [0, V).
+
+    Finiteness of the logits is not checked here (a full pass over B·T·V): non-finite logits give non-finite
+    log-probs, which the losses and the training loop's NaN guard reject.
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(input_ids, torch.Tensor):
         raise ValueError(
-            f"input_ids and response_mask must have shape (B, T) = {(b, t)}, "
-            f"got {tuple(input_ids.shape)} and {tuple(response_mask.shape)}"
+            f"expected torch tensors logits (B, T, V) and input_ids (B, T), "
+            f"got {type(logits).__name__} and {type(input_ids).__name__}"
         )
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a floating tensor of shape (B, T, V), got {logits.dtype} {tuple(logits.shape)}"
+        )
+    b, t, v = logits.shape
+    if tuple(input_ids.shape) != (b, t):
+        raise ValueError(f"input_ids must have shape (B, T) = {(b, t)}, got {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= v):
         raise ValueError(
             f"input_ids must lie in [0, {v}), got range [{int(input_ids.min())}, {int(input_ids.max())}]"
         )
+
+
+def check_logps_inputs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Raise ValueError unless logits (B,T,V), input_ids (B,T) in [0,V) and a 0/1 response_mask (B,T) agree."""
+    _check_logits_ids(logits, input_ids)
+    b, t, _ = logits.shape
+    if not isinstance(response_mask, torch.Tensor) or tuple(response_mask.shape) != (b, t):
+        shape = (
+            tuple(response_mask.shape)
+            if isinstance(response_mask, torch.Tensor)
+            else type(response_mask).__name__
+        )
+        raise ValueError(f"response_mask must be a tensor of shape (B, T) = {(b, t)}, got {shape}")
+    if response_mask.numel() and not bool(((response_mask == 0) | (response_mask == 1)).all()):
+        raise ValueError("response_mask must hold only 0/1 (or bool) values")
     if t and bool(response_mask[:, 0].any()):
         raise ValueError(
             "response_mask marks position 0, which no logit predicts: prepend at least one prompt token"
@@ -52,6 +77,12 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
     Computed as z_label − logsumexp(z) so the (B, T, V) log-softmax is never materialised twice.
     """
+    _check_logits_ids(logits, input_ids)
+    return _token_logps(logits, input_ids)
+
+
+def _token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`token_logps` without the input checks (callers have run `check_logps_inputs`)."""
     acc = torch.promote_types(logits.dtype, torch.float32)
     z = logits[:, :-1, :].to(acc)
     labels = input_ids[:, 1:].long().unsqueeze(-1)
@@ -73,7 +104,7 @@ def sequence_logps(
     """
     check_logps_inputs(logits, input_ids, response_mask)
     _, _, mask = _shifted(logits, input_ids, response_mask)
-    total = (token_logps(logits, input_ids) * mask).sum(-1)
+    total = (_token_logps(logits, input_ids) * mask).sum(-1)
     if average:
         total = total / mask.sum(-1).clamp_min(1.0)
     return total

@@ -23,13 +23,15 @@ reference model's log-probabilities in the same form (summed or averaged) as the
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dynamics.lm.logps import check_logps_inputs, max_conf_logps, token_logps
+from dynamics.lm.logps import _token_logps, check_logps_inputs, max_conf_logps
 
 __all__ = [
     "LOSSES",
@@ -109,9 +111,53 @@ AVERAGES_LOGPS: dict[str, bool] = {"sigmoid": False, "ipo": True, "hinge": False
 NEEDS_REFERENCE: dict[str, bool] = {"sigmoid": True, "ipo": True, "hinge": True, "cpo": False, "simpo": False}
 
 
+# Extra keywords each loss accepts (anything else is a typo and is rejected, not silently ignored).
+LOSS_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "sigmoid": ("label_smoothing",),
+    "ipo": (),
+    "hinge": (),
+    "cpo": ("label_smoothing",),
+    "simpo": ("label_smoothing", "gamma"),
+}
+
+
 def _check_name(name: str) -> None:
-    if name not in LOSSES:
+    if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(f"unknown preference loss {name!r}; expected one of {sorted(LOSSES)}")
+
+
+def _finite_real(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_hyperparameters(name: str, beta: float, loss_kwargs: Mapping[str, object]) -> None:
+    """ValueError unless ``name`` ∈ LOSSES, β is finite and > 0, and ``loss_kwargs`` holds only the keywords the
+    loss takes (LOSS_KEYWORDS), each finite, with 0 ≤ label_smoothing ≤ 0.5 (above 0.5 the preference flips)."""
+    _check_name(name)
+    if _finite_real(beta, "beta") <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    unknown = sorted(set(loss_kwargs) - set(LOSS_KEYWORDS[name]))
+    if unknown:
+        raise ValueError(f"loss {name!r} takes the keywords {list(LOSS_KEYWORDS[name])}, got {unknown}")
+    for key, value in loss_kwargs.items():
+        _finite_real(value, key)
+    if not 0.0 <= loss_kwargs.get("label_smoothing", 0.0) <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5], got {loss_kwargs['label_smoothing']!r}")
+
+
+def _check_logps(what: str, *tensors: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> None:
+    """ValueError unless every tensor is a finite torch.Tensor of one (B,) shape, B ≥ 1 (or ``shape``)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError(
+            f"{what} must be torch tensors of shape (B,), got {[type(t).__name__ for t in tensors]}"
+        )
+    want = shape if shape is not None else tuple(tensors[0].shape)
+    if len(want) != 1 or want[0] < 1 or any(tuple(t.shape) != want for t in tensors):
+        raise ValueError(f"{what} must have shape (B,) with B >= 1, got {[tuple(t.shape) for t in tensors]}")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError(f"{what} must be finite")
 
 
 def preference_loss(
@@ -134,34 +180,27 @@ def preference_loss(
     chosen = β (log π(y⁺) − log π_ref(y⁺)) (reference term 0 when reference-free), likewise rejected;
     margins = chosen − rejected; accuracies = 1[chosen > rejected].
     """
-    _check_name(name)
+    check_hyperparameters(name, beta, kw)
     pc, pr = policy_chosen_logps, policy_rejected_logps
-    if pc.dim() != 1 or pc.shape != pr.shape:
-        raise ValueError(
-            f"policy log-probs must both have shape (B,), got {tuple(pc.shape)} and {tuple(pr.shape)}"
-        )
-    if not (torch.isfinite(pc).all() and torch.isfinite(pr).all()):
-        raise ValueError("policy log-probs must be finite")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_logps("policy log-probs", pc, pr)
     rc, rr = ref_chosen_logps, ref_rejected_logps
     if NEEDS_REFERENCE[name]:
         if rc is None or rr is None:
             raise ValueError(f"loss {name!r} needs ref_chosen_logps and ref_rejected_logps of shape (B,)")
-        if rc.shape != pc.shape or rr.shape != pc.shape:
-            raise ValueError(
-                f"reference log-probs must have shape {tuple(pc.shape)}, got {tuple(rc.shape)}, {tuple(rr.shape)}"
-            )
+        _check_logps("reference log-probs", rc, rr, shape=tuple(pc.shape))
         rc, rr = rc.to(pc.dtype), rr.to(pc.dtype)
     else:
         rc = rr = None
     loss = LOSSES[name](pc, pr, rc, rr, beta=beta, **kw).mean()
-    if name == "cpo" and cpo_alpha != 0:
-        if chosen_nll is None:
+    if name == "cpo" and _finite_real(cpo_alpha, "cpo_alpha") != 0:
+        if not isinstance(chosen_nll, torch.Tensor) or chosen_nll.numel() != 1:
             raise ValueError(
-                "loss 'cpo' needs chosen_nll (token-mean NLL of the chosen responses) when cpo_alpha != 0"
+                "loss 'cpo' needs chosen_nll (a scalar tensor: token-mean NLL of the chosen responses) "
+                "when cpo_alpha != 0"
             )
-        loss = loss + cpo_alpha * chosen_nll
+        if not bool(torch.isfinite(chosen_nll).all()):
+            raise ValueError(f"chosen_nll must be finite, got {float(chosen_nll)}")
+        loss = loss + cpo_alpha * chosen_nll.reshape(())
     with torch.no_grad():
         chosen_rewards = beta * (pc - (rc if rc is not None else 0.0))
         rejected_rewards = beta * (pr - (rr if rr is not None else 0.0))
@@ -192,19 +231,22 @@ class PreferenceObjective:
     loss_kwargs: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_name(self.name)
+        check_hyperparameters(self.name, self.beta, self.loss_kwargs)
 
     @property
     def averages(self) -> bool:
         return AVERAGES_LOGPS[self.name] if self.average is None else self.average
 
     def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        missing = [key for key in ("input_ids", "response_mask") if key not in batch]
+        if missing:
+            raise ValueError(f"the batch lacks {missing}: expected input_ids and response_mask (2B, T)")
         ids, mask = batch["input_ids"], batch["response_mask"]
         check_logps_inputs(logits, ids, mask)
         if logits.shape[0] % 2:
             raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {logits.shape[0]}")
         b = logits.shape[0] // 2
-        tok = token_logps(logits, ids)  # (2B, T-1)
+        tok = _token_logps(logits, ids)  # (2B, T-1), inputs checked above
         m = mask[:, 1:].to(tok.dtype)
         summed = (tok * m).sum(-1)
         counts = m.sum(-1)

@@ -50,6 +50,7 @@ code does); full SAM accumulates the clean gradient of all micro-batches first.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -104,6 +105,15 @@ def _distributed() -> bool:
 def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_rho(rho: object) -> float:
+    """ρ as a float; ValueError unless it is a finite real number (any sign)."""
+    if isinstance(rho, torch.Tensor) and rho.numel() == 1:
+        rho = rho.item()
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho):
+        raise ValueError(f"rho must be a finite real number (any sign), got {rho!r}")
+    return float(rho)
 
 
 def output_head(model: nn.Module) -> nn.Linear:
@@ -179,8 +189,12 @@ def perturbed_head_logits(
         raise ValueError(
             f"expected weight (V, d) = {(grad_logits.shape[1], h.shape[1])}, got {tuple(weight.shape)}"
         )
-    if not math.isfinite(rho):
-        raise ValueError(f"rho must be finite, got {rho}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"expected bias (V,) = ({weight.shape[0]},) or None, got {tuple(bias.shape)}")
+    rho = _check_rho(rho)
+    if not bool(torch.isfinite(grad_logits).all()):
+        # NaN rows would otherwise be dropped silently by the G_Z ≠ 0 row selection below
+        raise ValueError("grad_logits must be finite (is the clean loss NaN or infinite?)")
     acc = _acc_dtype(h, weight)
     dev_type = h.device.type
     low_precision = torch.is_autocast_enabled(dev_type) or weight.dtype not in (torch.float32, torch.float64)
@@ -260,6 +274,9 @@ def logits_sam_loss(
     Exactly one backbone forward; G_Z from autograd of ℓ on detached clean logits (no backward through the
     body); ε on the head's use of W only (never the bias, never tied input embeddings).
     """
+    _check_choice(route, ROUTES, "route")
+    _check_choice(norm, NORMS, "norm")
+    rho = _check_rho(rho)
     h = backbone_hidden(model, batch)  # (2B, T, d)
     _, weight, bias = _head_params(model)
     shape = h.shape[:-1]
@@ -342,8 +359,7 @@ class PreferenceStep:
         _check_choice(method, METHODS, "method")
         _check_choice(route, ROUTES, "route")
         _check_choice(norm, NORMS, "norm")
-        if not math.isfinite(rho):
-            raise ValueError(f"rho must be finite, got {rho}")
+        rho = _check_rho(rho)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         output_head(model)

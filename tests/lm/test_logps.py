@@ -118,3 +118,41 @@ def test_bad_inputs_raise_value_error():
     first[0, 0] = 1
     with pytest.raises(ValueError, match="position 0"):
         max_conf_logps(logits, ids, first)
+
+
+def _inputs():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.zeros(2, 5)
+    mask[:, 2:] = 1
+    return logits, ids, mask
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda L, i, m: (L.numpy(), i, m), "expected torch tensors"),  # before: AttributeError 'dim'
+        (lambda L, i, m: (L, i.tolist(), m), "expected torch tensors"),  # before: AttributeError 'shape'
+        (
+            lambda L, i, m: (L, i.double() + 0.5, m),
+            "input_ids must be an integer tensor",
+        ),  # before: truncated
+        (lambda L, i, m: (L, i, 2 * m), "response_mask must hold only 0/1"),  # before: counted twice
+        (lambda L, i, m: (L, i, m.numpy()), "response_mask must be a tensor"),
+        (lambda L, i, m: (L.long(), i, m), "logits must be a floating tensor"),
+    ],
+)
+def test_sequence_logps_rejects_bad_inputs(change, message):
+    with pytest.raises(ValueError, match=message):
+        sequence_logps(*change(*_inputs()))
+
+
+def test_token_logps_checks_its_inputs():
+    """Before: IndexError / RuntimeError from inside torch.gather."""
+    logits, ids, _ = _inputs()
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        token_logps(logits, ids[:, :3])
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 7\)"):
+        token_logps(logits, ids + 10)
+    with pytest.raises(ValueError, match="floating tensor of shape"):
+        token_logps(logits[0], ids[0])

@@ -129,3 +129,64 @@ def test_bad_inputs_raise_value_error():
             torch.zeros(3, 4, 5),
             {"input_ids": torch.zeros(3, 4, dtype=torch.long), "response_mask": torch.zeros(3, 4)},
         )
+
+
+PC, PR = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: preference_loss("sigmoid", [1.0, 2.0], [1.0, 2.0], PC, PR), "must be torch tensors"),
+        (lambda: preference_loss("sigmoid", PC, PR, PC, PR, beta=float("inf")), "beta must be a finite"),
+        (lambda: preference_loss("sigmoid", PC, PR, PC, PR, beta="0.1"), "beta must be a finite"),
+        (lambda: preference_loss("sigmoid", PC, PR, PC * math.nan, PR), "reference log-probs must be finite"),
+        (lambda: preference_loss("sigmoid", PC, PR, [1.0, 2.0], PR), "reference log-probs must be torch"),
+        (
+            lambda: preference_loss("sigmoid", PC, PR, PC, PR, gama=1.0),
+            r"takes the keywords \['label_smoothing'\]",
+        ),
+        (lambda: preference_loss("ipo", PC, PR, PC, PR, label_smoothing=0.1), r"takes the keywords \[\]"),
+        (
+            lambda: preference_loss("sigmoid", PC, PR, PC, PR, label_smoothing=2.0),
+            r"label_smoothing must lie",
+        ),
+        (lambda: preference_loss("simpo", PC, PR, gamma=math.nan), "gamma must be a finite"),
+        (
+            lambda: preference_loss("cpo", PC, PR, chosen_nll=torch.tensor(1.0), cpo_alpha=math.nan),
+            "cpo_alpha",
+        ),
+        (
+            lambda: preference_loss("cpo", PC, PR, chosen_nll=torch.tensor(math.inf)),
+            "chosen_nll must be finite",
+        ),
+        (lambda: preference_loss("sigmoid", *[torch.zeros(0)] * 4), r"shape \(B,\) with B >= 1"),
+        (lambda: preference_loss("sigmoid", PC[None], PR[None], PC[None], PR[None]), r"shape \(B,\)"),
+    ],
+)
+def test_preference_loss_rejects_bad_input_early(call, message):
+    """Before: AttributeError/TypeError from torch, or a silently ignored keyword / NaN loss / flipped loss."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta": math.nan}, "beta must be a finite"),
+        ({"beta": -1.0}, "beta must be a finite number > 0"),
+        ({"loss_kwargs": {"gama": 1.0}}, "takes the keywords"),
+        ({"name": "dpo"}, "unknown preference loss 'dpo'"),
+    ],
+)
+def test_preference_objective_checks_at_construction(kwargs, message):
+    """Before: a NaN/negative β or a misspelt keyword surfaced only at the first step (or never)."""
+    with pytest.raises(ValueError, match=message):
+        PreferenceObjective(**kwargs)
+
+
+def test_preference_objective_names_missing_batch_keys():
+    """Before: KeyError('response_mask')."""
+    ids = torch.randint(0, 7, (4, 5))
+    with pytest.raises(ValueError, match=r"the batch lacks \['response_mask'\]"):
+        PreferenceObjective("simpo")(torch.randn(4, 5, 7), {"input_ids": ids})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -410,3 +411,28 @@ def test_distributed_local_and_global_norm(make_lm, make_batch):
     for r in range(2):
         for upd, g0, g1 in zip(results["local"][r][2], *mean_grad, strict=True):
             assert np.allclose(upd, ((g0 + g1) / 2).numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rho": "0.1"}, "rho must be a finite real number"),  # before: TypeError from math.isfinite
+        ({"rho": math.nan}, "rho must be a finite real number"),
+        ({"bias": torch.zeros(3)}, r"expected bias \(V,\) = \(5,\)"),  # before: RuntimeError from F.linear
+        # before: NaN rows of G_Z were dropped by the G_Z ≠ 0 row selection and Z̃ came back finite
+        ({"grad_logits": torch.full((4, 5), math.nan)}, "grad_logits must be finite"),
+    ],
+)
+def test_perturbed_head_logits_rejects_bad_input(change, message):
+    gen = torch.Generator().manual_seed(0)
+    args = {
+        "h": torch.randn(4, 3, generator=gen),
+        "weight": torch.randn(5, 3, generator=gen),
+        "bias": None,
+        "grad_logits": torch.randn(4, 5, generator=gen),
+        "rho": 0.1,
+    }
+    args.update(change)
+    for route in ("dense", "gram"):
+        with pytest.raises(ValueError, match=message):
+            perturbed_head_logits(**args, route=route)
