@@ -159,6 +159,15 @@ def _setup_variant(args: argparse.Namespace, variant: str, factory, device):
     return model, step, batch
 
 
+def _worker_context(args: argparse.Namespace):
+    """(torch.device, whether it is CUDA, model factory) of a worker process; sets torch's CPU threads."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, device.type == "cuda", model_factory(args.model, args.seed)
+
+
 def _timed(step, batch, cuda: bool, device) -> tuple[float, float, dict]:
     """(wall seconds, process CPU seconds, metrics) of one step."""
     import torch
@@ -178,10 +187,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from dynamics.lm.perturb import choose_route, output_head
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    factory = model_factory(args.model, args.seed)
+    device, cuda, factory = _worker_context(args)
     torch.zeros(8).sum()  # initialise the allocator before the baseline
     mem0 = _mem_now_and_reset()
     model, step, batch = _setup_variant(args, args.worker, factory, device)
@@ -218,12 +224,7 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
     """All main variants in one process, each with its own identically initialised model; ``args.reps``
     rounds, each running one step of every variant in an order rotated by the round (step-level interleaving,
     so load changes on a shared machine hit every variant alike). Returns the per-variant step times."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    factory = model_factory(args.model, args.seed)
+    device, cuda, factory = _worker_context(args)
     setups = {v: _setup_variant(args, v, factory, device) for v in MAIN_VARIANTS}
     for _ in range(max(args.warmup, 1)):
         for _model, step, batch in setups.values():

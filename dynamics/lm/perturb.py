@@ -255,8 +255,19 @@ def plain_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_fn: Los
     _, weight, bias = _head_params(model)
     logits = F.linear(h, weight, bias)
     loss, metrics = loss_fn(logits, batch)
-    metrics = {k: v.detach() for k, v in metrics.items()}
-    metrics.update(loss_clean=loss.detach(), loss_perturbed=loss.detach(), route=torch.tensor(0))
+    return _step_output(loss, metrics, loss, route=torch.tensor(0))
+
+
+def _step_output(
+    loss: torch.Tensor,
+    clean_metrics: Mapping[str, torch.Tensor],
+    loss_clean: torch.Tensor,
+    **info: torch.Tensor,
+) -> StepOutput:
+    """`StepOutput`: ``loss`` to backpropagate; the loss function's clean-logit metrics, detached, plus
+    ``loss_clean``, ``loss_perturbed`` (= ``loss``) and ``info`` (route, perturbation_norm)."""
+    metrics = {k: v.detach() for k, v in clean_metrics.items()}
+    metrics.update(loss_clean=loss_clean.detach(), loss_perturbed=loss.detach(), **info)
     return StepOutput(loss, metrics)
 
 
@@ -307,9 +318,7 @@ def logits_sam_loss(
     )
     del z_att, z_clean, z_leaf
     loss_pert, _ = loss_fn(z_pert.reshape(*shape, -1), batch)
-    metrics = {k: v.detach() for k, v in metrics.items()}
-    metrics.update(loss_clean=loss_clean.detach(), loss_perturbed=loss_pert.detach(), **info)
-    return StepOutput(loss_pert, metrics)
+    return _step_output(loss_pert, metrics, loss_clean, **info)
 
 
 def compute_step(
