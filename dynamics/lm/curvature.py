@@ -34,6 +34,8 @@ g_i = p_i − e_{y_i}, H_i = diag(p_i) − p_i p_iᵀ. Then ∇_W L = G = Σ_j g
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -238,6 +240,19 @@ def ntk_gram(hidden: torch.Tensor, head_bias: bool = False) -> torch.Tensor:
     return gram + 1.0 if head_bias else gram
 
 
+def _check_head_step_inputs(
+    logits: torch.Tensor, hidden: torch.Tensor, target_ids: torch.Tensor, **scalars: float
+) -> None:
+    """ValueError unless logits (N, V), hidden (N, d), target_ids (N,) in [0, V) are finite and consistent
+    (the checks of `token_curvature_stats`, all tokens in) and every named scalar is a finite real number."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ValueError(f"logits: expected a tensor of shape (N, V), got {getattr(logits, 'shape', None)}")
+    _flatten(logits, hidden, target_ids, None)
+    for name, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+            raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+
+
 def _residuals(logits: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.softmax(logits, dim=-1)
     return p, p - torch.nn.functional.one_hot(target_ids, logits.shape[-1]).to(p.dtype)
@@ -255,6 +270,7 @@ def sam_logit_perturbation(
 
     G = Σ_j g_j h_jᵀ is the summed-CE gradient of W; ‖G‖_F² = Σ_ij Θ^W_ij g_iᵀ g_j; δ = 0 when G = 0.
     """
+    _check_head_step_inputs(logits, hidden, target_ids, rho=rho)
     _, g = _residuals(logits, target_ids)
     coupled = ntk_gram(hidden) @ g  # (Θ^W g)_i = G h_i
     norm_sq = (g * coupled).sum()
@@ -278,6 +294,7 @@ def predicted_head_step(
     whether the head has a trained (unperturbed) bias. Returns (Δz (N, V), g⁺ (N, V)):
         Δz_i = −η Σ_j Θ_ij (g_j + H_j δ_j),   g⁺_i = g_i + H_i Δz_i,   δ = `sam_logit_perturbation`.
     """
+    _check_head_step_inputs(logits, hidden, target_ids, lr=lr, rho=rho)
     p, g = _residuals(logits, target_ids)
     delta = sam_logit_perturbation(logits, hidden, target_ids, rho)
     effective = g + _hz_apply(p, delta)

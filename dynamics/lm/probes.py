@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dynamics.lm.logps import max_conf_logps, response_lengths, sequence_logps
-from dynamics.lm.losses import AVERAGES_LOGPS, NEEDS_REFERENCE, preference_loss
+from dynamics.lm.losses import AVERAGES_LOGPS, NEEDS_REFERENCE, check_hyperparameters, preference_loss
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -46,6 +46,8 @@ def pair_logps(model: nn.Module, batches: Sequence[Batch]) -> PairLogps:
 
     Each batch: input_ids, attention_mask, response_mask (2B, T), chosen rows first.
     """
+    if len(batches) == 0:
+        raise ValueError("expected at least one probe batch (input_ids, attention_mask, response_mask)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -74,6 +76,7 @@ def probe_metrics(
 ) -> dict:
     """Means over the probe pairs (module docstring) from per-pair log-probs; the loss as training uses it
     (length-averaged log-probs for "ipo" / "simpo"; the reference only where the loss needs it)."""
+    check_hyperparameters(loss, beta, {})
     average = AVERAGES_LOGPS[loss]
 
     def used(p: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:

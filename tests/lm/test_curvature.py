@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -329,3 +331,35 @@ def test_sam_perturbation_is_exact_and_bias_is_not_perturbed():
     )
     assert torch.allclose(new_logits - logits, exact, rtol=0, atol=1e-13)
     del grad_b
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"hidden": torch.randn(3, 3)},
+            r"hidden: expected shape \(4, 'd'\)",
+        ),  # before: RuntimeError (matmul)
+        ({"target_ids": torch.tensor([0, 1, 2, 70])}, r"target_ids: expected ids in \[0, 7\)"),
+        ({"target_ids": torch.zeros(4)}, "target_ids: expected integer token ids"),  # before: one_hot error
+        (
+            {"logits": torch.randn(1, 4, 7)},
+            r"logits: expected a tensor of shape \(N, V\)",
+        ),  # before: no error
+        ({"logits": torch.full((4, 7), math.nan)}, "expected finite values"),  # before: NaN returned
+        ({"lr": math.nan}, "lr: expected a finite real number"),  # before: NaN returned
+        ({"rho": "0.1"}, "rho: expected a finite real number"),
+    ],
+)
+def test_predicted_head_step_rejects_bad_input(change, message):
+    gen = torch.Generator().manual_seed(0)
+    args = {
+        "logits": torch.randn(4, 7, generator=gen),
+        "hidden": torch.randn(4, 3, generator=gen),
+        "target_ids": torch.tensor([0, 1, 2, 3]),
+        "lr": 0.1,
+        "rho": 0.1,
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        predicted_head_step(**args)

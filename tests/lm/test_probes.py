@@ -95,3 +95,12 @@ def test_run_probes_rows_and_extra(setup):
         assert row["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
         assert row["loss"] == pytest.approx(math.log(2), rel=1e-6) and row["extra_field"] == 1.0
     assert model.training  # the probes evaluate in eval mode and restore the mode
+
+
+def test_probe_inputs_are_checked():
+    """Before: KeyError('dpo') for an unknown loss and torch.cat's error for an empty probe set."""
+    per_pair = PairLogps(*[torch.randn(3) for _ in range(5)])
+    with pytest.raises(ValueError, match="unknown preference loss 'dpo'"):
+        probe_metrics(per_pair, per_pair, "dpo")
+    with pytest.raises(ValueError, match="expected at least one probe batch"):
+        pair_logps(torch.nn.Linear(2, 2), [])
