@@ -436,3 +436,12 @@ def test_perturbed_head_logits_rejects_bad_input(change, message):
     for route in ("dense", "gram"):
         with pytest.raises(ValueError, match=message):
             perturbed_head_logits(**args, route=route)
+
+
+def test_preference_step_rejects_a_non_numeric_rho(make_lm):
+    """Before: TypeError from math.isfinite; a one-element tensor ρ is accepted as its value."""
+    model = make_lm("gpt2")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="rho must be a finite real number"):
+        PreferenceStep(model, opt, PreferenceObjective(), "logits-sam", "0.1")
+    assert PreferenceStep(model, opt, PreferenceObjective(), "logits-sam", torch.tensor(0.25)).rho == 0.25
