@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from dynamics._cli import OneLineErrorParser
 from dynamics.lm.data import KNOWN_DATASETS, DataUnavailableError
 from dynamics.lm.losses import LOSSES
 from dynamics.lm.models import PRESETS, ModelUnavailableError
@@ -23,13 +24,6 @@ from dynamics.lm.perturb import METHODS, NORMS
 from dynamics.lm.train import NonFiniteLossError, TrainConfig, resolve_config, sft_stage, train
 
 DEFAULT_OUT = "runs/squeezing"
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (no usage dump), exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             out = train(cfg)
             label = cfg.optimizer if cfg.optimizer == "adamw" else f"{cfg.optimizer} (rho={cfg.rho:g})"
             print(f"{label}: {out / 'metrics.jsonl'}", flush=True)
-    except (ValueError, ModelUnavailableError, DataUnavailableError) as err:
+    except ValueError as err:  # a bad flag value or input file: usage error, exit 2
         parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except (ModelUnavailableError, DataUnavailableError) as err:  # nothing wrong with the flags: exit 1
+        print(f"{parser.prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"squeezing.py: stopped: {err}", file=sys.stderr)
         return 3

@@ -131,6 +131,14 @@ def rows_to_records(
 
 
 # ------------------------------------------------------------------------------------------- file / hub I/O
+def _json_value(text: str, where: str) -> Any:
+    """json.loads with the file (and line) named in the error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"data file {where}: not valid JSON ({err.msg}, column {err.colno})") from None
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a local .jsonl / .json / .parquet file (a list of dicts)."""
     path = Path(path)
@@ -138,10 +146,14 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"data file {str(path)!r} does not exist (expected .jsonl, .json or .parquet)")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
+        rows = []
         with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    rows.append(_json_value(line, f"{path}:{number}"))
+        return rows
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _json_value(path.read_text(encoding="utf-8"), str(path))
         return list(data) if isinstance(data, list) else list(data.get("data", []))
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -42,10 +42,23 @@ def test_real_preset_offline_fails_fast(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     start = time.perf_counter()
+    code = cli.main(["--model", "pythia-2.8b", "--out", str(tmp_path / "o"), "--no-progress"])
+    # The flags are fine, the weights are not here: exit 1 (not a usage error), fast, one line saying how.
+    assert code == 1 and time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "local directory" in err[0]
+
+
+def test_malformed_data_file_names_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnotjson\n')
     with pytest.raises(SystemExit) as info:
-        cli.main(["--model", "pythia-2.8b", "--out", str(tmp_path / "o"), "--no-progress"])
-    assert info.value.code == 2 and time.perf_counter() - start < 10
-    assert "local directory" in capsys.readouterr().err.strip().splitlines()[-1]
+        cli.main(
+            ["--dataset", "tldr", "--data-file", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:2" in err[0] and "not valid JSON" in err[0]
 
 
 def test_two_optimizers_share_one_sft_start(tmp_path):
