@@ -72,6 +72,28 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+_TINY = dict(
+    dataset="synthetic",
+    lr=1e-4,
+    beta=0.1,
+    batch_size=8,
+    steps=200,
+    rho=0.1,
+    sft_steps=200,
+    sft_lr=1e-3,
+    max_length=64,
+    max_prompt_length=32,
+    source={
+        "all": "[ours] CPU-sized values for the offline default run (experiments/squeezing.py): SFT reaches "
+        "the data entropy (peaked on the filler letter), then DPO at lr 1e-4 runs 200 steps (~6 epochs of "
+        "the 256 synthetic pairs), long enough for the squeezing phase (held-out chosen log-prob falls "
+        "~10 nats, max_conf rises) and the start of the length-learning phase",
+        "rho": "[ours] 0.1: the tiny head has ||W||_F ~ 3, so the paper's 1e-4..1e-3 would be invisible; "
+        "the largest of the grid {±0.01, ±0.03, ±0.1} tried with a visible effect on the probes",
+    },
+)
+
+
 PRESETS: dict[str, Preset] = {
     "gpt2": Preset(
         name="gpt2",
@@ -121,50 +143,9 @@ PRESETS: dict[str, Preset] = {
             "max_length": "512 / 256 prompt, the DPO paper's recipe (experiments.md, Public recipes)",
         },
     ),
-    "tiny-gpt2": Preset(
-        name="tiny-gpt2",
-        model_id="tiny:gpt2",
-        dataset="synthetic",
-        lr=1e-4,
-        beta=0.1,
-        batch_size=8,
-        steps=200,
-        rho=0.1,
-        sft_steps=200,
-        sft_lr=1e-3,
-        max_length=64,
-        max_prompt_length=32,
-        source={
-            "all": "[ours] CPU-sized values for the offline default run (experiments/squeezing.py): SFT reaches "
-            "the data entropy (peaked on the filler letter), then DPO at lr 1e-4 runs 200 steps (~6 epochs of "
-            "the 256 synthetic pairs), long enough for the squeezing phase (held-out chosen log-prob falls "
-            "~10 nats, max_conf rises) and the start of the length-learning phase",
-            "rho": "[ours] 0.1: the tiny head has ||W||_F ~ 3, so the paper's 1e-4..1e-3 would be invisible; "
-            "the largest of the grid {±0.01, ±0.03, ±0.1} tried with a visible effect on the probes",
-        },
-    ),
-    "tiny-pythia": Preset(
-        name="tiny-pythia",
-        model_id="tiny:gpt-neox",
-        dataset="synthetic",
-        lr=1e-4,
-        beta=0.1,
-        batch_size=8,
-        steps=200,
-        rho=0.1,
-        sft_steps=200,
-        sft_lr=1e-3,
-        max_length=64,
-        max_prompt_length=32,
-        source={
-            "all": "[ours] CPU-sized values for the offline default run (experiments/squeezing.py): SFT reaches "
-            "the data entropy (peaked on the filler letter), then DPO at lr 1e-4 runs 200 steps (~6 epochs of "
-            "the 256 synthetic pairs), long enough for the squeezing phase (held-out chosen log-prob falls "
-            "~10 nats, max_conf rises) and the start of the length-learning phase",
-            "rho": "[ours] 0.1: the tiny head has ||W||_F ~ 3, so the paper's 1e-4..1e-3 would be invisible; "
-            "the largest of the grid {±0.01, ±0.03, ±0.1} tried with a visible effect on the probes",
-        },
-    ),
+    # The two tiny presets differ only in architecture: one shared set of CPU-sized values.
+    "tiny-gpt2": Preset(name="tiny-gpt2", model_id="tiny:gpt2", **_TINY),
+    "tiny-pythia": Preset(name="tiny-pythia", model_id="tiny:gpt-neox", **_TINY),
 }
 
 
