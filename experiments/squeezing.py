@@ -134,6 +134,10 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.no_progress:  # also the weight-loading bar that transformers draws
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         configs = configs_from_args(args)
         first = configs[0]
