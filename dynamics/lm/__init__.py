@@ -6,6 +6,8 @@ from dynamics.lm.perturb import METHODS, PreferenceStep, compute_step, make_trai
 
 # isort: split
 from dynamics.lm.curvature import (  # noqa: E402, F401
+    confidence_ratios_since,
+    confidence_snapshot,
     model_token_curvature,
     predicted_head_step,
     sam_logit_perturbation,

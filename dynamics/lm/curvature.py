@@ -144,14 +144,61 @@ def token_curvature_stats(
         after = logits_after.detach().reshape(-1, vocab).to(torch.float64).to(flat_logits.device)
         if not torch.isfinite(after[flat_mask]).all():
             raise ValueError("logits_after: expected finite values on masked-in tokens")
-        log_ratio = torch.log_softmax(after, dim=-1) - log_p  # log α_k = log p_after − log p_before
-        argmax = p.argmax(-1)
-        others = p.scatter(-1, targets[:, None], -1.0).argmax(-1)
-        stats["alpha_target"] = log_ratio.gather(-1, targets[:, None]).squeeze(-1).exp()
-        stats["alpha_argmax"] = log_ratio.gather(-1, argmax[:, None]).squeeze(-1).exp()
-        stats["alpha_top_other"] = log_ratio.gather(-1, others[:, None]).squeeze(-1).exp()
+        stats.update(_alphas(_snapshot(log_p, targets), torch.log_softmax(after, dim=-1)))
     out = {key: torch.where(flat_mask, value, nan).reshape(token_shape) for key, value in stats.items()}
     out["mask"] = flat_mask.reshape(token_shape)
+    return out
+
+
+ALPHA_KEYS = ("alpha_target", "alpha_argmax", "alpha_top_other")
+
+
+def _snapshot(log_p: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Indices (N, 3) of the target, the argmax and y* = argmax_{k≠target} under log_p (N, V), and their
+    log-probabilities (N, 3): all that the α ratios need from the *before* checkpoint (O(N), not O(N·V))."""
+    argmax = log_p.argmax(-1)
+    others = log_p.scatter(-1, targets[:, None], float("-inf")).argmax(-1)
+    index = torch.stack([targets, argmax, others], dim=-1)
+    return {"index": index, "log_p": log_p.gather(-1, index)}
+
+
+def _alphas(snapshot: dict[str, torch.Tensor], log_p_after: torch.Tensor) -> dict[str, torch.Tensor]:
+    """α = p_after / p_before for the snapshot's three tokens (S5 [reconstructed]); each (N,)."""
+    index = snapshot["index"].to(log_p_after.device)
+    log_ratio = log_p_after.gather(-1, index) - snapshot["log_p"].to(log_p_after)
+    return {key: log_ratio[:, i].exp() for i, key in enumerate(ALPHA_KEYS)}
+
+
+def confidence_snapshot(
+    logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What `confidence_ratios_since` needs from one checkpoint's logits (..., V) on target_ids (...): per token
+    the indices and log-probabilities of the target, the argmax and y* (S5's most likely other class), plus the
+    mask. O(N) memory, so a training loop can keep it between probes at vocabulary scale."""
+    flat_logits, _, targets, flat_mask, token_shape = _flatten(logits, logits[..., :1], target_ids, mask)
+    log_p = torch.log_softmax(flat_logits.detach().to(torch.float64), dim=-1)
+    return {**_snapshot(log_p, targets), "mask": flat_mask, "shape": torch.tensor(token_shape)}
+
+
+def confidence_ratios_since(
+    snapshot: dict[str, torch.Tensor], logits: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """α_target, α_argmax, α_top_other (S5 [reconstructed]) between the checkpoint of ``snapshot`` and the
+    current ``logits`` (same tokens), NaN on masked-out tokens, plus ``mask``: the same keys and values as
+    `token_curvature_stats(..., logits_after=...)` gives, summarised by `summarize_curvature`."""
+    shape = tuple(int(n) for n in snapshot["shape"])
+    vocab = logits.shape[-1]
+    if tuple(logits.shape[:-1]) != shape:
+        raise ValueError(
+            f"logits: expected token shape {shape} (the snapshot's), got {tuple(logits.shape[:-1])}"
+        )
+    log_p = torch.log_softmax(logits.detach().reshape(-1, vocab).to(torch.float64), dim=-1)
+    mask = snapshot["mask"].to(log_p.device)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=log_p.device)
+    out = {
+        key: torch.where(mask, value, nan).reshape(shape) for key, value in _alphas(snapshot, log_p).items()
+    }
+    out["mask"] = mask.reshape(shape)
     return out
 
 

@@ -109,13 +109,13 @@ def run_probes(
     reference: Mapping[str, PairLogps | None],
     loss: str = "sigmoid",
     beta: float = 0.1,
-    extra: Callable[[nn.Module, Sequence[Batch]], dict] | None = None,
+    extra: Callable[[nn.Module, Sequence[Batch], str], dict] | None = None,
 ) -> dict[str, dict]:
-    """{split: metrics} for each named probe set; `extra(model, batches)` adds fields (e.g. curvature)."""
+    """{split: metrics} for each named probe set; `extra(model, batches, split)` adds fields (e.g. curvature)."""
     rows = {}
     for split, batches in probe_sets.items():
         row = probe_metrics(pair_logps(model, batches), reference.get(split), loss=loss, beta=beta)
         if extra is not None:
-            row.update(extra(model, batches))
+            row.update(extra(model, batches, split))
         rows[split] = row
     return rows

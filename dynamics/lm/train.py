@@ -355,7 +355,8 @@ def _probe_batches(
 def _curvature_extra(cfg: TrainConfig):
     """The `--curvature-probe` hook: per-token curvature means (`dynamics.lm.curvature`: tr H_z, μ = ‖h‖²,
     the head's Hessian trace μ·tr H_z (S1), the top-mode share of the residual (S4)) over the chosen
-    responses of a probe set, as `curv_*` fields of the probe rows."""
+    responses of a probe set, and from the second probe on the confidence ratios α = p_now / p_previous-probe
+    of the chosen token, the argmax token and y* (S5), as `curv_*` fields of the probe rows."""
     if not cfg.curvature_probe:
         return None
     try:
@@ -365,23 +366,39 @@ def _curvature_extra(cfg: TrainConfig):
             f"--curvature-probe needs dynamics.lm.curvature, which is not available: {err}"
         ) from None
 
-    def extra(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> dict:
+    # Per (probe set, batch): a compact snapshot of the previous probe's chosen-token log-probs, so that each
+    # probe row also carries the confidence ratios α since the previous probe (absent at the first probe of a
+    # process: step 0, or the first probe after --resume).
+    snapshots: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def extra(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], split: str) -> dict:
         """Token-weighted means over the probe set of `summarize_curvature`, on the chosen rows."""
         device = next(model.parameters()).device
         totals: dict[str, float] = {}
-        tokens = 0.0
-        for batch in batches:
+        counts: dict[str, float] = {}
+        for index, batch in enumerate(batches):
             b = _to_device(batch, device)
             half = b["input_ids"].shape[0] // 2
-            stats, _ = curvature.model_token_curvature(
-                model, b["input_ids"][:half], b["attention_mask"][:half], b["response_mask"][:half]
+            ids, attention, response = (
+                b["input_ids"][:half],
+                b["attention_mask"][:half],
+                b["response_mask"][:half],
             )
-            summary = curvature.summarize_curvature(stats)
-            n = summary.pop("n_tokens")
-            for key, value in summary.items():
-                totals[key] = totals.get(key, 0.0) + value * n
-            tokens += n
-        return {f"curv_{k}": v / max(tokens, 1.0) for k, v in totals.items()}
+            stats, logits = curvature.model_token_curvature(model, ids, attention, response)
+            summaries = [curvature.summarize_curvature(stats)]
+            mask = response[:, 1:] * attention[:, 1:]
+            before = snapshots.get((split, index))
+            if before is not None:
+                summaries.append(
+                    curvature.summarize_curvature(curvature.confidence_ratios_since(before, logits))
+                )
+            snapshots[(split, index)] = curvature.confidence_snapshot(logits, ids[:, 1:], mask)
+            for summary in summaries:
+                n = summary.pop("n_tokens")
+                for key, value in summary.items():
+                    totals[key] = totals.get(key, 0.0) + value * n
+                    counts[key] = counts.get(key, 0.0) + n
+        return {f"curv_{k}": v / max(counts[k], 1.0) for k, v in totals.items()}
 
     return extra
 

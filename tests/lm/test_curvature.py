@@ -11,6 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from dynamics.lm.curvature import (
+    confidence_ratios_since,
+    confidence_snapshot,
     model_token_curvature,
     ntk_gram,
     predicted_head_step,
@@ -161,6 +163,32 @@ def test_model_token_curvature_alignment_and_ratios():
     alpha = p1.gather(-1, ids[:, 1:, None]).squeeze(-1) / p0.gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert torch.allclose(later["alpha_target"][mask], alpha[mask], rtol=1e-10, atol=0)
     assert set(summarize_curvature(later)) >= {"trace_hz", "alpha_target", "alpha_argmax", "n_tokens"}
+
+
+def test_compact_snapshot_gives_the_same_ratios():
+    """confidence_snapshot keeps O(N) numbers, yet gives the α of the full-logits route and of p1/p0 directly."""
+    model, ids = tiny_gpt2(seed=5)
+    response = torch.zeros_like(ids)
+    response[:, 2:] = 1
+    _, logits = model_token_curvature(model, ids, None, response)
+    snapshot = confidence_snapshot(logits, ids[:, 1:], response[:, 1:])
+    assert snapshot["index"].shape == (ids[:, 1:].numel(), 3)  # no V-sized tensor is kept
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.3 * torch.randn_like(model.lm_head.weight))
+    full, later = model_token_curvature(model, ids, None, response, logits_before=logits, modal_share=False)
+    compact = confidence_ratios_since(snapshot, later)
+    mask = full["mask"]
+    assert torch.equal(compact["mask"], mask)
+    for key in ("alpha_target", "alpha_argmax", "alpha_top_other"):
+        assert torch.allclose(compact[key][mask], full[key][mask], rtol=1e-12, atol=0), key
+        assert torch.isnan(compact[key][~mask]).all()
+    p0, p1 = torch.softmax(logits.double(), -1), torch.softmax(later.double(), -1)
+    top = p0.argmax(-1, keepdim=True)
+    assert torch.allclose(
+        compact["alpha_argmax"][mask], (p1.gather(-1, top) / p0.gather(-1, top)).squeeze(-1)[mask]
+    )
+    with pytest.raises(ValueError, match="token shape"):
+        confidence_ratios_since(snapshot, later[:1])
 
 
 # ---------------------------------------------------------------- bridge

@@ -89,11 +89,12 @@ def test_run_probes_rows_and_extra(setup):
     }
     ref = {k: pair_logps(model, v) for k, v in sets.items()}
     model.train()
-    rows = run_probes(model, sets, ref, extra=lambda m, b: {"extra_field": 1.0})
+    rows = run_probes(model, sets, ref, extra=lambda m, b, split: {"extra_field": 1.0, "split_seen": split})
     assert set(rows) == {"heldout", "train_probe"}
-    for row in rows.values():
+    for split, row in rows.items():
         assert row["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
         assert row["loss"] == pytest.approx(math.log(2), rel=1e-6) and row["extra_field"] == 1.0
+        assert row["split_seen"] == split
     assert model.training  # the probes evaluate in eval mode and restore the mode
 
 

@@ -203,6 +203,10 @@ def test_curvature_probe_adds_fields(tiny_dir, tmp_path):
     for r in probe:
         assert 0.0 < r["curv_trace_hz"] < 1.0  # tr H_z = 1 − ‖p‖² lies in (0, 1)
         assert r["curv_head_trace"] > 0 and 0.0 <= r["curv_top_modal_share"] <= 1.0
+    # α since the previous probe: absent at the first probe, present (and moved by training) after it
+    assert "curv_alpha_target" not in probe[0]
+    alphas = [probe[1][f"curv_alpha_{k}"] for k in ("target", "argmax", "top_other")]
+    assert all(0.0 < a < float("inf") for a in alphas) and any(abs(a - 1.0) > 1e-6 for a in alphas)
 
 
 @pytest.mark.slow
