@@ -33,7 +33,8 @@ def script_invocations() -> list[tuple[str, list[str]]]:
         scripts = [w for w in words if w.endswith(".py") and (ROOT / w).is_file()]
         if scripts:
             args = words[words.index(scripts[0]) + 1 :]
-            out.append((scripts[0], [a.split("=")[0] for a in args if a.startswith("--")]))
+            # flags anywhere in the arguments, optional ones in [brackets] included
+            out.append((scripts[0], re.findall(r"(?<![\w-])--[a-z][\w-]*", " ".join(args))))
     return out
 
 
