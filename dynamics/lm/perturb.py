@@ -292,12 +292,8 @@ def logits_sam_loss(
     _, weight, bias = _head_params(model)
     shape = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])
-    low_precision = torch.is_autocast_enabled(h.device.type) or weight.dtype not in (
-        torch.float32,
-        torch.float64,
-    )
     # Clean logits, computed once with the graph attached: the Gram and low-precision routes reuse them as the
-    # base of Z̃; the float32/64 dense route recomputes Z̃ = h (W + ε)ᵀ + b and drops them (no backward through).
+    # base of Z̃; the float32/64 dense route recomputes Z̃ = h (W + ε)ᵀ + b and ignores them (no backward through).
     z_att = F.linear(h2, weight, bias)
     z_clean = z_att.detach()
     acc = _acc_dtype(h2, weight)
@@ -306,13 +302,6 @@ def logits_sam_loss(
         loss_clean, metrics = loss_fn(z_leaf, batch)
         (grad_z,) = torch.autograd.grad(loss_clean, z_leaf)
     grad_z = grad_z.reshape(h2.shape[0], -1)
-    if route == "auto" and norm == "global" and _distributed():
-        route = "dense"  # the global norm all-reduces G_W (V × d)
-    elif route == "auto":
-        n_sel = int((grad_z.abs().amax(dim=1) > 0).sum())
-        route = choose_route(h2.shape[0], n_sel, weight.shape[0], weight.shape[1])
-    if route == "dense" and not low_precision:
-        z_att = None
     z_pert, info = perturbed_head_logits(
         h2, weight, bias, grad_z, rho, route=route, norm=norm, clean_logits=z_att
     )
