@@ -63,13 +63,9 @@ def check_logps_inputs(logits: torch.Tensor, input_ids: torch.Tensor, response_m
         )
 
 
-def _shifted(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor):
-    """(logits[:, :-1] in float32+, labels ids[:, 1:], mask[:, 1:] as float): the aligned triple."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    z = logits[:, :-1, :].to(acc)
-    labels = input_ids[:, 1:].long()
-    mask = response_mask[:, 1:].to(acc)
-    return z, labels, mask
+def _shifted_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits[:, :-1] (the positions that predict a next token) in float32, or float64 for float64 logits."""
+    return logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -83,8 +79,7 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """`token_logps` without the input checks (callers have run `check_logps_inputs`)."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    z = logits[:, :-1, :].to(acc)
+    z = _shifted_logits(logits)
     labels = input_ids[:, 1:].long().unsqueeze(-1)
     return z.gather(-1, labels).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
@@ -103,8 +98,9 @@ def sequence_logps(
     and by SimPO). Rows with no response token give 0 (sum) or 0 (average, 0/1 guarded). [ours]
     """
     check_logps_inputs(logits, input_ids, response_mask)
-    _, _, mask = _shifted(logits, input_ids, response_mask)
-    total = (_token_logps(logits, input_ids) * mask).sum(-1)
+    tok = _token_logps(logits, input_ids)
+    mask = response_mask[:, 1:].to(tok.dtype)
+    total = (tok * mask).sum(-1)
     if average:
         total = total / mask.sum(-1).clamp_min(1.0)
     return total
@@ -119,6 +115,6 @@ def max_conf_logps(
     at each response position, summed. max_v log p(v) = max_v z_v − logsumexp(z). [ours, after Ren & Sutherland]
     """
     check_logps_inputs(logits, input_ids, response_mask)
-    z, _, mask = _shifted(logits, input_ids, response_mask)
+    z = _shifted_logits(logits)
     top = z.amax(-1) - torch.logsumexp(z, dim=-1)
-    return (top * mask).sum(-1)
+    return (top * response_mask[:, 1:].to(z.dtype)).sum(-1)
