@@ -96,9 +96,8 @@ def hessian_eigh(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Within a repeated eigenvalue the basis is any orthonormal one (the modal energy in that eigenspace is
     what is well defined).
     """
-    p = as_probs(p)
-    num_classes = p.shape[0]
-    h_z = np.diag(p) - np.outer(p, p)
+    h_z = logit_hessian(p)
+    num_classes = h_z.shape[0]
     basis = _null_complement_basis(num_classes)
     reduced = basis.T @ h_z @ basis
     reduced = 0.5 * (reduced + reduced.T)
