@@ -107,8 +107,7 @@ def hessian_eigh(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     eigenvalues = np.concatenate([[0.0], lam])
     eigenvectors = np.concatenate([np.full((num_classes, 1), 1.0 / np.sqrt(num_classes)), vecs], axis=1)
     idx = np.argmax(np.abs(eigenvectors), axis=0)
-    signs = np.sign(eigenvectors[idx, np.arange(num_classes)])
-    signs[signs == 0] = 1.0
+    signs = np.sign(eigenvectors[idx, np.arange(num_classes)])  # never 0: a unit vector has |entry| >= 1/√K
     return eigenvalues, eigenvectors * signs
 
 
