@@ -38,14 +38,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dynamics.lm import curvature
 from dynamics.lm.data import collate_pairs, collate_sft, load_preference_data
 from dynamics.lm.logps import token_logps
 from dynamics.lm.losses import LOSSES, PreferenceObjective
 from dynamics.lm.models import PRESETS, load_model
 from dynamics.lm.perturb import METHODS, NORMS, PreferenceStep
 from dynamics.lm.probes import pair_logps, run_probes
-
-PROBE_SPLITS = ("heldout", "train_probe")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,8 +127,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         "max_length": preset.max_length,
         "max_prompt_length": preset.max_prompt_length,
     }
-    values = {k: (fill[k] if getattr(cfg, k) is None and k in fill else getattr(cfg, k)) for k in fill}
-    cfg = dataclasses.replace(cfg, **values)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
     if cfg.sft_split is None:
         cfg = dataclasses.replace(cfg, sft_split="sft" if cfg.dataset == "synthetic" else cfg.split)
     if cfg.optimizer not in METHODS:
@@ -359,12 +357,6 @@ def _curvature_extra(cfg: TrainConfig):
     of the chosen token, the argmax token and y* (S5), as `curv_*` fields of the probe rows."""
     if not cfg.curvature_probe:
         return None
-    try:
-        from dynamics.lm import curvature
-    except ImportError as err:
-        raise ValueError(
-            f"--curvature-probe needs dynamics.lm.curvature, which is not available: {err}"
-        ) from None
 
     # Per (probe set, batch): a compact snapshot of the previous probe's chosen-token log-probs, so that each
     # probe row also carries the confidence ratios α since the previous probe (absent at the first probe of a
