@@ -143,6 +143,16 @@ def _solve_chunk(
     return origin, x, diff
 
 
+def _chunk_pairs(
+    p: np.ndarray, lower: np.ndarray, upper: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:  # p: (V,) shared by the r rows, or (r, V) one per row
+    """Eigenpairs for the roots in (lower_r, upper_r) of one chunk: λ (r,), unit eigenvectors as rows (r, V)."""
+    origin, tau, diff = _solve_chunk(p, lower, upper)  # diff = p − λ, computed as (p − origin) − τ
+    np.divide(p if p.ndim == 2 else p[None, :], diff, out=diff)  # u_i = p_i / (p_i − λ)
+    diff /= np.linalg.norm(diff, axis=1, keepdims=True)
+    return origin + tau, diff
+
+
 def _interval_pairs(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs for the roots in (lower_r, upper_r): λ (r,), unit eigenvectors as rows (r, V); O(rV)."""
     num = lower.shape[0]
@@ -151,11 +161,7 @@ def _interval_pairs(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tupl
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // p.shape[0])
     for start in range(0, num, rows_per_chunk):
         stop = min(num, start + rows_per_chunk)
-        origin, tau, diff = _solve_chunk(p, lower[start:stop], upper[start:stop])
-        values[start:stop] = origin + tau  # diff = p − λ, computed as (p − origin) − τ
-        np.divide(p[None, :], diff, out=diff)  # u_i = p_i / (p_i − λ)
-        diff /= np.linalg.norm(diff, axis=1, keepdims=True)
-        vectors[start:stop] = diff
+        values[start:stop], vectors[start:stop] = _chunk_pairs(p, lower[start:stop], upper[start:stop])
     return values, vectors
 
 
@@ -307,12 +313,7 @@ def top_mode_batched(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // size)
     for start in range(0, simple.size, rows_per_chunk):
         rows = simple[start : start + rows_per_chunk]
-        chunk = probs[rows]
-        origin, tau, diff = _solve_chunk(chunk, top_two[rows, 1], top_two[rows, 0])
-        values[rows] = origin + tau
-        np.divide(chunk, diff, out=diff)
-        diff /= np.linalg.norm(diff, axis=1, keepdims=True)
-        vectors[rows] = diff
+        values[rows], vectors[rows] = _chunk_pairs(probs[rows], top_two[rows, 1], top_two[rows, 0])
     for row in np.setdiff1d(np.arange(num), simple):
         row_values, row_vectors = top_modes(probs[row] / probs[row].sum(), 1)
         values[row] = row_values[0]
