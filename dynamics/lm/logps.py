@@ -77,11 +77,25 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return _token_logps(logits, input_ids)
 
 
+def _logps_parts(
+    logits: torch.Tensor, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shifted logits z, `token_logps`, logsumexp(z)), each (B, T-1[, V]), without the input checks (callers
+    have run `check_logps_inputs`); z and the logsumexp are returned so `max_conf` can reuse them."""
+    z = _shifted_logits(logits)
+    lse = torch.logsumexp(z, dim=-1)
+    labels = input_ids[:, 1:].long().unsqueeze(-1)
+    return z, z.gather(-1, labels).squeeze(-1) - lse, lse
+
+
 def _token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """`token_logps` without the input checks (callers have run `check_logps_inputs`)."""
-    z = _shifted_logits(logits)
-    labels = input_ids[:, 1:].long().unsqueeze(-1)
-    return z.gather(-1, labels).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return _logps_parts(logits, input_ids)[1]
+
+
+def _max_conf(z: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t mask[t] · max_v log p(v) per row, from shifted logits z, their logsumexp and the shifted mask."""
+    return ((z.amax(-1) - lse) * mask).sum(-1)
 
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
@@ -116,5 +130,4 @@ def max_conf_logps(
     """
     check_logps_inputs(logits, input_ids, response_mask)
     z = _shifted_logits(logits)
-    top = z.amax(-1) - torch.logsumexp(z, dim=-1)
-    return (top * response_mask[:, 1:].to(z.dtype)).sum(-1)
+    return _max_conf(z, torch.logsumexp(z, dim=-1), response_mask[:, 1:].to(z.dtype))

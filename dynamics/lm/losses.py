@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dynamics.lm.logps import _token_logps, check_logps_inputs, max_conf_logps
+from dynamics.lm.logps import _logps_parts, _max_conf, check_logps_inputs
 
 __all__ = [
     "LOSSES",
@@ -246,7 +246,7 @@ class PreferenceObjective:
         if logits.shape[0] % 2:
             raise ValueError(f"a preference batch has 2B rows (chosen then rejected), got {logits.shape[0]}")
         b = logits.shape[0] // 2
-        tok = _token_logps(logits, ids)  # (2B, T-1), inputs checked above
+        z, tok, lse = _logps_parts(logits, ids)  # (2B, T-1[, V]), inputs checked above
         m = mask[:, 1:].to(tok.dtype)
         summed = (tok * m).sum(-1)
         counts = m.sum(-1)
@@ -267,7 +267,7 @@ class PreferenceObjective:
                 "loss": loss.detach(),
                 "chosen_logps": summed[:b].detach().mean(),
                 "rejected_logps": summed[b:].detach().mean(),
-                "max_conf": max_conf_logps(logits[:b].detach(), ids[:b], mask[:b]).mean(),
+                "max_conf": _max_conf(z[:b], lse[:b], m[:b]).mean(),  # = max_conf_logps on the chosen rows
                 "margin": rewards["margins"].mean(),
                 "accuracy": rewards["accuracies"].mean(),
             }
