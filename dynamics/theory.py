@@ -112,9 +112,9 @@ def log_confidence_ratios(p: np.ndarray, delta_z: np.ndarray) -> np.ndarray:
     """
     p = as_probs(p)
     delta_z = as_float_array(delta_z, "delta_z", ndim=1, size=p.shape[0])
-    shift = float(np.max(delta_z))
     if np.max(np.abs(delta_z)) < 1.0:
         return delta_z - np.log1p(float(p @ np.expm1(delta_z)))
+    shift = float(np.max(delta_z))
     return delta_z - shift - np.log(float(p @ np.exp(delta_z - shift)))
 
 
