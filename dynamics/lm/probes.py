@@ -36,7 +36,8 @@ class PairLogps:
     rejected_len: torch.Tensor
 
 
-def _to(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_to(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """A copy of `batch` with its tensors moved to `device` (other values kept as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -54,7 +55,7 @@ def pair_logps(model: nn.Module, batches: Sequence[Batch]) -> PairLogps:
     parts: dict[str, list[torch.Tensor]] = {f: [] for f in ("chosen", "rejected", "max_conf", "cl", "rl")}
     try:
         for batch in batches:
-            b = _to(batch, device)
+            b = batch_to(batch, device)
             logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
             ids, mask = b["input_ids"], b["response_mask"]
             half = ids.shape[0] // 2

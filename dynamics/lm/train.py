@@ -44,7 +44,7 @@ from dynamics.lm.logps import token_logps
 from dynamics.lm.losses import LOSSES, PreferenceObjective
 from dynamics.lm.models import PRESETS, load_model
 from dynamics.lm.perturb import METHODS, NORMS, PreferenceStep
-from dynamics.lm.probes import pair_logps, run_probes
+from dynamics.lm.probes import batch_to, pair_logps, run_probes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -230,10 +230,6 @@ def _append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 class GuardedObjective:
     """Wraps a loss function; raises NonFiniteLossError on a non-finite loss *before* any backward pass,
     so the parameters and the optimizer are untouched when the run stops."""
@@ -279,7 +275,7 @@ def run_sft(
     for step in bar:
         idx = batch_indices(step, cfg.sft_batch_size, len(records), cfg.seed + 1)
         batch = collate_sft([records[i] for i in idx], tokenizer, cfg.max_length, cfg.max_prompt_length)
-        loss = sft_loss(model, _to_device(batch, device))
+        loss = sft_loss(model, batch_to(batch, device))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"SFT loss is {float(loss)} at SFT step {step}")
         opt.zero_grad(set_to_none=True)
@@ -369,7 +365,7 @@ def _curvature_extra(cfg: TrainConfig):
         totals: dict[str, float] = {}
         counts: dict[str, float] = {}
         for index, batch in enumerate(batches):
-            b = _to_device(batch, device)
+            b = batch_to(batch, device)
             half = b["input_ids"].shape[0] // 2
             ids, attention, response = (
                 b["input_ids"][:half],
@@ -516,7 +512,7 @@ def train(cfg: TrainConfig) -> Path:
         micro = []
         for j in range(cfg.grad_accum):
             recs = [train_records[i] for i in mine[j * micro_size : (j + 1) * micro_size]]
-            batch = _to_device(collate_pairs(recs, tokenizer, cfg.max_length, cfg.max_prompt_length), device)
+            batch = batch_to(collate_pairs(recs, tokenizer, cfg.max_length, cfg.max_prompt_length), device)
             with torch.no_grad():
                 ref_logits = reference(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
