@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from dynamics.lm import curvature
 from dynamics.lm.data import collate_pairs, collate_sft, load_preference_data
-from dynamics.lm.logps import token_logps
-from dynamics.lm.losses import LOSSES, PreferenceObjective
+from dynamics.lm.logps import sequence_logps, token_logps
+from dynamics.lm.losses import AVERAGES_LOGPS, LOSSES, PreferenceObjective
 from dynamics.lm.models import PRESETS, load_model
 from dynamics.lm.perturb import METHODS, NORMS, PreferenceStep
 from dynamics.lm.probes import batch_to, pair_logps, run_probes
@@ -607,9 +607,6 @@ def _reference_logps(
     logits: torch.Tensor, batch: Mapping[str, torch.Tensor], loss: str
 ) -> dict[str, torch.Tensor]:
     """ref_chosen_logps / ref_rejected_logps (B,) in the form the loss uses (summed or length-averaged)."""
-    from dynamics.lm.logps import sequence_logps
-    from dynamics.lm.losses import AVERAGES_LOGPS
-
     seq = sequence_logps(logits, batch["input_ids"], batch["response_mask"], average=AVERAGES_LOGPS[loss])
     half = seq.shape[0] // 2
     return {"ref_chosen_logps": seq[:half].detach(), "ref_rejected_logps": seq[half:].detach()}
