@@ -319,6 +319,11 @@ def sam_logit_perturbation(
     """
     _check_head_step_inputs(logits, hidden, target_ids, rho=rho)
     _, g = _residuals(logits, target_ids)
+    return _perturbation(g, hidden, rho)
+
+
+def _perturbation(g: torch.Tensor, hidden: torch.Tensor, rho: float) -> torch.Tensor:
+    """`sam_logit_perturbation` from the residuals g (N, V), inputs already checked."""
     coupled = ntk_gram(hidden) @ g  # (Θ^W g)_i = G h_i
     norm_sq = (g * coupled).sum()
     if float(norm_sq) <= 0.0:
@@ -343,7 +348,7 @@ def predicted_head_step(
     """
     _check_head_step_inputs(logits, hidden, target_ids, lr=lr, rho=rho)
     p, g = _residuals(logits, target_ids)
-    delta = sam_logit_perturbation(logits, hidden, target_ids, rho)
+    delta = _perturbation(g, hidden, rho)  # inputs checked above, residuals computed once
     effective = g + _hz_apply(p, delta)
     dz = -lr * (ntk_gram(hidden, head_bias) @ effective)
     return dz, g + _hz_apply(p, dz)
