@@ -458,6 +458,7 @@ def train(cfg: TrainConfig) -> Path:
         "train_probe": _probe_batches(train_records[: cfg.n_probe], tokenizer, cfg),
     }
     ref_probe = {k: pair_logps(reference, v) for k, v in probe_sets.items()}
+    rho = cfg.rho if cfg.optimizer != "adamw" else 0.0  # plain AdamW runs (and are logged) with ρ = 0
     objective = GuardedObjective(PreferenceObjective(cfg.loss, cfg.beta))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stepper = PreferenceStep(
@@ -465,12 +466,12 @@ def train(cfg: TrainConfig) -> Path:
         optimizer,
         objective,
         cfg.optimizer,
-        cfg.rho if cfg.optimizer != "adamw" else 0.0,
+        rho,
         norm=cfg.sam_norm,
         autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
     )
     extra = _curvature_extra(cfg)
-    tag = {"optimizer": cfg.optimizer, "rho": cfg.rho if cfg.optimizer != "adamw" else 0.0}
+    tag = {"optimizer": cfg.optimizer, "rho": rho}
 
     start = 0
     if cfg.resume and (load_ckpt := _maybe_checkpoint(ckpt_path)) is not None:
@@ -503,7 +504,7 @@ def train(cfg: TrainConfig) -> Path:
     micro_size = cfg.batch_size // (cfg.grad_accum * world)
     bar = tqdm(
         range(start + 1, cfg.steps + 1),
-        desc=f"{cfg.optimizer} ρ={tag['rho']:g}",
+        desc=f"{cfg.optimizer} ρ={rho:g}",
         disable=not (cfg.progress and main),
     )
     for step in bar:
@@ -555,10 +556,7 @@ def train(cfg: TrainConfig) -> Path:
             )
         else:
             bar.set_postfix(loss=f"{m['loss_clean']:.3f}", chosen=f"{m['chosen_logps']:.2f}")
-        if main and (
-            (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            or (step == cfg.steps and cfg.checkpoint_every)
-        ):
+        if main and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_checkpoint(ckpt_path, model, optimizer, step, metrics_path.stat().st_size)
     accelerator.wait_for_everyone()
     return out
