@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynamics._validate import as_float_array, as_label, as_logits, as_probs, as_scalar
-from dynamics.logit_space import hessian_eigh, logit_hessian, modal_coefficients, one_hot, softmax
+from dynamics.logit_space import hessian_eigh, logit_hessian, modal_coefficients, one_hot, residual, softmax
 from dynamics.steps import effective_radius, sam_logit_increment
 
 
@@ -78,8 +78,7 @@ def predicted_residual_increment(
 
 def predicted_residual(z: np.ndarray, label: int, mu: float, eta: float, rho: float = 0.0) -> np.ndarray:
     """S3, Theorem 3.2 [paper: residual form]: g⁺ ≈ (I − η μ H_z − η μ ρ̃ H_z²) g; z (K,) -> (K,)."""
-    _, g, _ = _residual_and_hessian(z, label)
-    return g + predicted_residual_increment(z, label, mu, eta, rho)
+    return residual(z, label) + predicted_residual_increment(z, label, mu, eta, rho)
 
 
 def modal_gains(eigenvalues: np.ndarray, mu: float, eta: float, rho_tilde: float) -> np.ndarray:
