@@ -64,8 +64,8 @@ class TrainConfig:
     "logits-sam" or "sam".  rho: SAM radius.  sam_norm: "global" (all-reduced ‖G_W‖; default) or "local".
     loss / beta: the preference loss (`dynamics.lm.losses.LOSSES`).  lr, weight_decay: AdamW.  batch_size:
     pairs per optimizer step over all processes and accumulation steps.  grad_accum: micro-batches per step.
-    steps: optimizer steps.  eval_every: probe period.  checkpoint_every: checkpoint period (0: only at the
-    end).  seed.  out: output directory.  resume: continue from out/checkpoint.  bf16: autocast to bfloat16.
+    steps: optimizer steps.  eval_every: probe period.  checkpoint_every: checkpoint period, plus one at
+    the last step (0: no checkpoints).  seed.  out: output directory.  resume: continue from out/checkpoint.  bf16: autocast to bfloat16.
     gradient_checkpointing.  device: "auto", "cpu" or "cuda".  max_length / max_prompt_length: tokens.
     curvature_probe: log `dynamics.lm.curvature` means in the probe rows.  progress: show the tqdm bar.
     """
