@@ -76,7 +76,10 @@ def test_two_optimizers_share_one_sft_start(tmp_path):
     assert [{k: v for k, v in r.items() if k not in strip} for r in gd if r["step"] == 0] == [
         {k: v for k, v in r.items() if k not in strip} for r in sam if r["step"] == 0
     ]  # the same SFT model, so the same step-0 probes
-    assert gd[-1] != sam[-1]
+    # the runs part after step 0 (compared without the optimizer/rho tags, which differ in every row)
+    assert {k: v for k, v in gd[-1].items() if k not in strip} != {
+        k: v for k, v in sam[-1].items() if k not in strip
+    }
     config = json.loads((out / "adamw" / "config.json").read_text())
     assert config["init_from"] == str(out / "sft") and config["sft_steps"] == 0
 
