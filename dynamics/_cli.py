@@ -29,17 +29,6 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def output_dir(parser: argparse.ArgumentParser, path: str | Path, flag: str = "--out") -> Path:
     """Create the output folder ``path`` (and its parents); a usage error (exit 2) if it is a file, cannot be
     created or is not writable."""

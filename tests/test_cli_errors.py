@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamics._cli import finite_float, positive_int, write_json
+from dynamics._cli import finite_float, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,14 +145,6 @@ def test_finite_float_rejects(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="expected a"):
         finite_float(text)
-
-
-@pytest.mark.parametrize("text", ["0", "-2", "1.5"])
-def test_positive_int_rejects(text):
-    import argparse
-
-    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 1"):
-        positive_int(text)
 
 
 def test_write_json_is_atomic_and_leaves_no_temporary(tmp_path):
