@@ -321,13 +321,6 @@ def top_mode_batched(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, vectors
 
 
-def modal_coefficients(vectors: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """S4 [paper]: e_k = v_kᵀ g on the given modes; vectors (V, k) columns, g (V,) -> (k,)."""
-    vectors = as_float_array(vectors, "vectors", ndim=2)
-    g = as_float_array(g, "g", ndim=1, size=vectors.shape[0])
-    return vectors.T @ g
-
-
 def top_mode_share(p: np.ndarray, g: np.ndarray, k: int) -> float:
     """Share of ‖g‖² carried by the k top-curvature modes, Σ_{j≤k} (v_jᵀg)² / ‖g‖² ∈ [0, 1] [ours]; 0 if g = 0."""
     p = as_probs(p)

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dynamics.logit_space import modal_coefficients
 from dynamics.spectrum import (
     full_spectrum,
     hz_matvec,
-    modal_coefficients,
     near_flat_probs,
     secular_function,
     top_mode_batched,
