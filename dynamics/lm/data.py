@@ -320,25 +320,28 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
+def _encode_all(
+    caller: str, records: Sequence[Mapping[str, str]], tokenizer: Any, max_length: int, max_prompt_length: int
+) -> tuple[int, list[tuple[list[int], list[int], list[int]]]]:
+    """(pad id, `encode_pair` of each record) for the collate functions; ValueError for no records."""
+    if not records:
+        raise ValueError(f"{caller} needs at least one record")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad, [encode_pair(r, tokenizer, max_length, max_prompt_length) for r in records]
+
+
 def collate_pairs(
     records: Sequence[Mapping[str, str]], tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256
 ) -> dict[str, torch.Tensor]:
     """B records → the preference batch: input_ids, attention_mask (2B, T) long, response_mask (2B, T) bool;
     rows [0, B) chosen, [B, 2B) rejected (pair i ↔ rows i and B + i), right-padded with the pad token."""
-    if not records:
-        raise ValueError("collate_pairs needs at least one record")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [encode_pair(r, tokenizer, max_length, max_prompt_length) for r in records]
-    rows = [(p, c) for p, c, _ in enc] + [(p, r) for p, _, r in enc]
-    return _pad_rows(rows, pad)
+    pad, enc = _encode_all("collate_pairs", records, tokenizer, max_length, max_prompt_length)
+    return _pad_rows([(p, c) for p, c, _ in enc] + [(p, r) for p, _, r in enc], pad)
 
 
 def collate_sft(
     records: Sequence[Mapping[str, str]], tokenizer: Any, max_length: int = 512, max_prompt_length: int = 256
 ) -> dict[str, torch.Tensor]:
     """B records → an SFT batch on the chosen responses: input_ids, attention_mask, response_mask (B, T)."""
-    if not records:
-        raise ValueError("collate_sft needs at least one record")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [encode_pair(r, tokenizer, max_length, max_prompt_length) for r in records]
+    pad, enc = _encode_all("collate_sft", records, tokenizer, max_length, max_prompt_length)
     return _pad_rows([(p, c) for p, c, _ in enc], pad)
