@@ -52,7 +52,8 @@ def test_cli_bad_flags_exit_2_without_traceback(tmp_path, flags):
     proc = run_cli("--out", str(tmp_path), *flags)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "error:" in proc.stderr.strip().splitlines()[-1]  # argparse: usage line, then a one-line error
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0]  # one line: OneLineErrorParser prints no usage dump
 
 
 def test_committed_result_meets_issue_targets():
