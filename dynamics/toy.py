@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from dynamics._validate import as_probs, as_scalar
+from dynamics._validate import as_label, as_probs, as_scalar
 from dynamics.simulate import Setting, Trajectory, simulate, simulate_params
 from dynamics.theory import runner_up
 
@@ -45,8 +45,7 @@ class ToyConfig:
         p0 = as_probs(self.p0, "p0")
         if np.any(p0 <= 0):
             raise ValueError("p0: expected strictly positive probabilities")
-        if not 0 <= self.label < p0.shape[0]:
-            raise ValueError(f"label: expected an index in [0, {p0.shape[0]}), got {self.label}")
+        as_label(self.label, p0.shape[0])
         if as_scalar(self.mu, "mu") <= 0:
             raise ValueError(f"mu: expected a positive number, got {self.mu}")
         as_scalar(self.eta, "eta", nonzero=True)
