@@ -270,16 +270,12 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tiny_dir, tmp_path):
     ],
 )
 def test_resolve_config_rejects_bad_paths_early(fields, message):
-    from dynamics.lm.train import TrainConfig, resolve_config
-
     with pytest.raises(ValueError, match=message):
         resolve_config(TrainConfig(**fields))
 
 
 def test_out_that_cannot_be_created_is_a_one_line_value_error(tmp_path):
     """Before: train() raised NotADirectoryError from mkdir (a traceback in squeezing.py)."""
-    from dynamics.lm.train import TrainConfig, resolve_config, train
-
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     with pytest.raises(ValueError, match="out: expected a folder"):
