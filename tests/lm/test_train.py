@@ -214,7 +214,7 @@ def test_ddp_two_cpu_processes_match_one(tiny_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), logits-SAM with the global ‖G_W‖: the probe rows equal a
     single-process run on the same global batch up to float32 summation order (the gradient and G_W are
     all-reduced, so only rounding differs; measured ≤ 7.6e-6 after 6 steps at ρ = 0.05, one float32 ulp at
-    the largest values compared, |log π(y⁻)| ≈ 85). The tolerance is absolute, 1e-4 ≈ 13 such ulps."""
+    the largest values compared, |log π(y⁻)| ≈ 106). The tolerance is absolute, 1e-4 ≈ 13 such ulps."""
     argv = _cli(tiny_dir, tmp_path / "x")[2:-3] + ["--no-progress"]  # drop python, script, --out OUT
     argv[argv.index("--steps") + 1] = "6"
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
