@@ -154,7 +154,13 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         return rows
     if suffix == ".json":
         data = _json_value(path.read_text(encoding="utf-8"), str(path))
-        return list(data) if isinstance(data, list) else list(data.get("data", []))
+        if isinstance(data, dict):
+            data = data.get("data", [])
+        if not isinstance(data, list):
+            raise ValueError(
+                f'data file {path}: expected a JSON list of rows (or {{"data": [...]}}), got {type(data).__name__}'
+            )
+        return data
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

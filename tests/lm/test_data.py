@@ -147,3 +147,11 @@ def test_collate_sft_and_truncation_errors():
         collate_pairs(recs, tok, max_length=4, max_prompt_length=4)
     with pytest.raises(ValueError, match="missing 'rejected'"):
         collate_pairs([{"prompt": "p", "chosen": "c"}], tok)
+
+
+@pytest.mark.parametrize("content", ['"just a string"', "42", '{"data": 3}'])
+def test_json_file_that_is_not_a_list_of_rows_is_a_one_line_error(tmp_path, content):
+    path = tmp_path / "rows.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="expected a JSON list of rows"):
+        read_rows(path)
