@@ -177,7 +177,8 @@ def confidence_snapshot(
     mask. O(N) memory, so a training loop can keep it between probes at vocabulary scale."""
     flat_logits, _, targets, flat_mask, token_shape = _flatten(logits, logits[..., :1], target_ids, mask)
     log_p = torch.log_softmax(flat_logits.detach().to(torch.float64), dim=-1)
-    return {**_snapshot(log_p, targets), "mask": flat_mask, "shape": torch.tensor(token_shape)}
+    shape = torch.tensor((*token_shape, flat_logits.shape[-1]))  # token shape, then the vocabulary size
+    return {**_snapshot(log_p, targets), "mask": flat_mask, "shape": shape}
 
 
 def confidence_ratios_since(
@@ -186,11 +187,11 @@ def confidence_ratios_since(
     """α_target, α_argmax, α_top_other (S5 [reconstructed]) between the checkpoint of ``snapshot`` and the
     current ``logits`` (same tokens), NaN on masked-out tokens, plus ``mask``: the same keys and values as
     `token_curvature_stats(..., logits_after=...)` gives, summarised by `summarize_curvature`."""
-    shape = tuple(int(n) for n in snapshot["shape"])
-    vocab = logits.shape[-1]
-    if tuple(logits.shape[:-1]) != shape:
+    *shape, vocab = (int(n) for n in snapshot["shape"])
+    shape = tuple(shape)
+    if tuple(logits.shape) != (*shape, vocab):
         raise ValueError(
-            f"logits: expected token shape {shape} (the snapshot's), got {tuple(logits.shape[:-1])}"
+            f"logits: expected token shape {shape} and vocabulary {vocab} (the snapshot's), got {tuple(logits.shape)}"
         )
     log_p = torch.log_softmax(logits.detach().reshape(-1, vocab).to(torch.float64), dim=-1)
     mask = snapshot["mask"].to(log_p.device)

@@ -189,6 +189,8 @@ def test_compact_snapshot_gives_the_same_ratios():
     )
     with pytest.raises(ValueError, match="token shape"):
         confidence_ratios_since(snapshot, later[:1])
+    with pytest.raises(ValueError, match="vocabulary"):
+        confidence_ratios_since(snapshot, torch.cat([later, later[..., :1]], dim=-1))
 
 
 # ---------------------------------------------------------------- bridge
